@@ -1,0 +1,1 @@
+"""fedumm.engines.nvflare."""
