@@ -1,1 +1,11 @@
-"""fedumm.fl.strategies."""
+"""Aggregation strategies, one file each, registered by name in STRATEGIES."""
+
+from fedumm.fl.strategies import fedavg, quality_weighted  # noqa: F401  (registration)
+from fedumm.fl.strategies.base import STRATEGIES, Strategy
+
+__all__ = ["STRATEGIES", "Strategy", "make_strategy"]
+
+
+def make_strategy(name: str, **params: object) -> Strategy:
+    """Build a registered strategy by name with its keyword hyperparameters."""
+    return STRATEGIES.get(name)(**params)

@@ -1,0 +1,242 @@
+"""Command line: parses, loads the config, calls one library function, prints with rich."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from fedumm.errors import ConfigError, DataError, FedummError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Federated LoRA fine-tuning of unified multimodal models.")
+data_app = typer.Typer(no_args_is_help=True, help="Datasets: build the synthetic world.")
+eval_app = typer.Typer(no_args_is_help=True, help="Evaluation with the official metrics.")
+app.add_typer(data_app, name="data")
+app.add_typer(eval_app, name="eval")
+
+console = Console(stderr=True)
+out_console = Console()
+
+
+class RichProgress:
+    """fedumm.progress.Progress drawn with rich bars (one bar per key)."""
+
+    def __init__(self, progress: Progress) -> None:
+        self.p = progress
+        self.tasks: dict[str, int] = {}
+
+    def start(self, key: str, description: str, total: int) -> None:
+        if key in self.tasks:
+            self.p.remove_task(self.tasks[key])
+        self.tasks[key] = self.p.add_task(description, total=total)
+
+    def update(self, key: str, completed: int, description: str | None = None) -> None:
+        if key in self.tasks:
+            kw = {"description": description} if description else {}
+            self.p.update(self.tasks[key], completed=completed, **kw)
+
+    def finish(self, key: str) -> None:
+        task = self.tasks.pop(key, None)
+        if task is not None:
+            self.p.remove_task(task)
+
+
+def _progress() -> Progress:
+    return Progress(
+        TextColumn("[progress.description]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        transient=False,
+    )
+
+
+def _fail(exc: BaseException) -> None:
+    console.print(f"[bold red]error:[/] {exc}", markup=True, highlight=False, soft_wrap=True)
+    code = 2 if isinstance(exc, ConfigError | DataError) else 1
+    raise typer.Exit(code)
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("transformers", "peft"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def _pct(v: dict | None, key: str = "vqa_accuracy") -> str:
+    return "-" if not v or v.get(key) is None else f"{v[key]:.2f}"
+
+
+def _summary_table(summary: dict) -> Table:
+    t = Table(title=f"fedumm run '{summary.get('name')}' ({summary.get('status')})")
+    t.add_column("setting")
+    t.add_column("VQA accuracy (test, %)", justify="right")
+    for name in ("zero_shot", "centralized", "federated"):
+        t.add_row(name.replace("_", "-"), _pct(summary.get(name)))
+    return t
+
+
+@app.command()
+def run(
+    config: Annotated[Path, typer.Argument(help="YAML config")],
+    out: Annotated[Path, typer.Option("--out", help="run directory")],
+    set_: Annotated[list[str] | None, typer.Option("--set", help="override, e.g. federation.rounds=3")] = None,
+    overwrite: Annotated[bool, typer.Option(help="delete an existing run in --out first")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Run zero-shot, centralized and federated training as the config says."""
+    _setup_logging(verbose)
+    from fedumm.config import load_config
+    from fedumm.experiment import run_experiment
+
+    try:
+        cfg = load_config(config, set_ or [])
+        if overwrite and (out / "metrics.jsonl").exists():
+            shutil.rmtree(out)
+        with _progress() as bars:
+            summary = run_experiment(cfg, out, progress=RichProgress(bars))
+    except KeyboardInterrupt:
+        console.print(f"[yellow]interrupted[/]: finished rounds are kept in {out}")
+        raise typer.Exit(130) from None
+    except FedummError as exc:
+        _fail(exc)
+    out_console.print(_summary_table(summary))
+    mb = 1024 * 1024
+    out_console.print(
+        f"bytes per round: up {summary['bytes_up_per_round'] / mb:.3f} MiB, down {summary['bytes_down_per_round'] / mb:.3f} MiB; "
+        f"full model {summary['full_model_bytes'] / mb:.2f} MiB; wall {summary['wall_time_s']:.1f} s; "
+        f"peak RSS {summary['peak_rss_bytes'] / mb:.0f} MiB; outputs in {out}"
+    )
+
+
+@data_app.command("synth")
+def data_synth(
+    out: Annotated[Path, typer.Option("--out", help="output directory")],
+    seed: Annotated[int, typer.Option(help="world seed")] = 0,
+    images: Annotated[list[str] | None, typer.Option(help="images per split, e.g. --images public=3000")] = None,
+) -> None:
+    """Render the synthetic world in VQA v2 / COCO formats."""
+    _setup_logging(False)
+    from fedumm.data.synth import synthesize
+
+    try:
+        sizes = None
+        if images:
+            sizes = {}
+            for item in images:
+                split, _, n = item.partition("=")
+                if not n.isdigit():
+                    raise ConfigError(f"--images {item!r}: expected SPLIT=COUNT")
+                sizes[split] = int(n)
+        with _progress() as bars:
+            rp = RichProgress(bars)
+
+            def cb(split: str, done: int, total: int) -> None:
+                if done <= 1:
+                    rp.start("synth", f"rendering {split}", total)
+                rp.update("synth", done)
+
+            manifest = synthesize(out, seed=seed, images=sizes, progress=cb)
+    except FedummError as exc:
+        _fail(exc)
+    out_console.print(f"wrote the synthetic world to {out}")
+    out_console.print(manifest)
+
+
+@app.command()
+def partition(
+    data: Annotated[Path, typer.Option("--data", help="VQA v2-format dataset directory")],
+    clients: Annotated[int, typer.Option("--clients", help="number of clients K")],
+    alpha: Annotated[float, typer.Option("--alpha", help="Dirichlet concentration (0 = IID)")],
+    out: Annotated[Path, typer.Option("--out", help="output FILE.json (a heatmap PNG is written beside it)")],
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    split: Annotated[str, typer.Option(help="split to partition")] = "private",
+    min_size: Annotated[int, typer.Option(help="minimum questions per client")] = 1,
+) -> None:
+    """Partition a split's questions over K clients by Dirichlet label skew over answers."""
+    _setup_logging(False)
+    from fedumm.data.partition import build_partition, partition_stats, save_partition
+    from fedumm.data.vqa import load_split
+
+    try:
+        samples = load_split(data, split, check_images=False)
+        part = build_partition(
+            [s.question_id for s in samples],
+            [s.multiple_choice_answer for s in samples],
+            num_clients=clients,
+            alpha=alpha,
+            min_size=min_size,
+            seed=seed,
+        )
+        png = save_partition(part, out)
+    except FedummError as exc:
+        _fail(exc)
+    stats = partition_stats(part)
+    out_console.print(f"wrote {out} and {png}")
+    out_console.print_json(json.dumps(stats))
+
+
+@eval_app.command("vqa")
+def eval_vqa(
+    questions: Annotated[Path, typer.Option("--questions")],
+    annotations: Annotated[Path, typer.Option("--annotations")],
+    results: Annotated[Path, typer.Option("--results", help='[{"question_id", "answer"}, ...]')],
+) -> None:
+    """Official VQA v2 accuracy (overall, perAnswerType, perQuestionType) as JSON."""
+    from fedumm.eval.vqa import evaluate_files
+
+    try:
+        scores = evaluate_files(questions, annotations, results)
+    except FedummError as exc:
+        _fail(exc)
+    sys.stdout.write(json.dumps(scores, indent=2) + "\n")
+
+
+@app.command()
+def pretrain(
+    data: Annotated[Path, typer.Option("--data", help="synthetic world (built here if missing)")] = Path("data/world"),
+    out: Annotated[Path | None, typer.Option("--out", help="checkpoint dir (default: the built-in)")] = None,
+    seed: Annotated[int, typer.Option()] = 0,
+    epochs: Annotated[int | None, typer.Option()] = None,
+) -> None:
+    """Pretrain the built-in tiny Janus on the public split (reproduces the shipped checkpoint)."""
+    _setup_logging(False)
+    from fedumm.data.synth import synthesize
+    from fedumm.models.janus import BUILTIN_PATH
+    from fedumm.pretrain import PretrainSpec, pretrain as run_pretrain
+
+    try:
+        if not (data / "world.json").exists():
+            console.print(f"building the synthetic world in {data} (seed {seed})")
+            synthesize(data, seed=seed)
+        spec = PretrainSpec(seed=seed, **({"epochs": epochs} if epochs else {}))
+        with _progress() as bars:
+            report = run_pretrain(data, out or BUILTIN_PATH, spec=spec, progress=RichProgress(bars))
+    except FedummError as exc:
+        _fail(exc)
+    out_console.print_json(json.dumps(report))
+
+
+def main() -> None:
+    """Console entry point."""
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,201 @@
+"""The one typed configuration tree (pydantic), loaded from YAML with checked dotted overrides."""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from fedumm.errors import ConfigError
+
+__all__ = ["Config", "load_config", "apply_overrides", "format_validation_error", "dump_config"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataConfig(_Strict):
+    path: Path = Field(description="directory of a VQA v2-format dataset (e.g. from `fedumm data synth`)")
+    train_split: str = "private"
+    val_split: str = "val"
+    test_split: str = "test"
+    max_val_questions: int | None = Field(default=None, ge=1, description="cap per-round validation size")
+    max_test_questions: int | None = Field(default=None, ge=1, description="cap final test size")
+    synthesize_if_missing: bool = Field(default=False, description="build the synthetic world if path is empty")
+    synth_images: dict[str, int] | None = Field(default=None, description="images per split when synthesizing")
+
+
+class ModelConfig(_Strict):
+    family: Literal["janus"] = "janus"
+    path: Path | None = Field(default=None, description="local HF checkpoint dir; null = built-in tiny Janus")
+    prompt_template: str = "<image_placeholder> question: {question} answer:"
+    max_answer_tokens: int = Field(default=3, ge=1, le=64)
+    device: str = "cpu"
+
+
+class LoraConfigModel(_Strict):
+    rank: int = Field(default=16, ge=1, le=1024)
+    alpha: float = Field(default=32.0, gt=0)
+    dropout: float = Field(default=0.0, ge=0, lt=1)
+    groups: tuple[Literal["vision", "language", "generation"], ...] = ("language",)
+    target_modules: tuple[str, ...] | None = Field(default=None, description="null = each tower's defaults")
+
+    @field_validator("groups")
+    @classmethod
+    def _non_empty(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        if not v:
+            raise ValueError("at least one LoRA group is needed")
+        if len(set(v)) != len(v):
+            raise ValueError(f"duplicate groups in {list(v)}")
+        return v
+
+
+class TrainConfig(_Strict):
+    local_epochs: int = Field(default=1, ge=1)
+    batch_size: int = Field(default=16, ge=1)
+    grad_accum: int = Field(default=1, ge=1)
+    lr: float = Field(default=1e-3, gt=0)
+    weight_decay: float = Field(default=0.0, ge=0)
+    max_grad_norm: float | None = Field(default=1.0, gt=0)
+    eval_batch_size: int = Field(default=64, ge=1)
+    local_val_fraction: float = Field(default=0.1, ge=0, lt=1, description="held out per client for q_k")
+
+
+class FederationConfig(_Strict):
+    clients: int = Field(default=4, ge=1)
+    alpha: float = Field(default=0.5, ge=0, description="Dirichlet concentration; 0 = IID")
+    min_partition_size: int = Field(default=8, ge=1)
+    rounds: int = Field(default=5, ge=1)
+    sample_fraction: float = Field(default=1.0, gt=0, le=1)
+    min_clients: int = Field(default=1, ge=1)
+    strategy: str = "fedavg"
+    strategy_params: dict[str, float] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _check(self) -> FederationConfig:
+        from fedumm.fl.strategies import STRATEGIES
+
+        STRATEGIES.get(self.strategy)  # unknown name -> ConfigError with a suggestion
+        if self.min_clients > self.clients:
+            raise ValueError(f"min_clients={self.min_clients} exceeds clients={self.clients}")
+        return self
+
+
+class BaselinesConfig(_Strict):
+    zero_shot: bool = True
+    centralized: bool = True
+
+
+class Config(_Strict):
+    """A whole run: data, model, LoRA, local training, federation, baselines, engine."""
+
+    name: str = "run"
+    seed: int = Field(default=0, ge=0)
+    engine: Literal["inprocess"] = "inprocess"
+    data: DataConfig
+    model: ModelConfig = ModelConfig()
+    lora: LoraConfigModel = LoraConfigModel()
+    train: TrainConfig = TrainConfig()
+    federation: FederationConfig = FederationConfig()
+    baselines: BaselinesConfig = BaselinesConfig()
+
+
+def _field_names(model: type[BaseModel]) -> list[str]:
+    return list(model.model_fields)
+
+
+def _suggest(model: type[BaseModel] | None, loc: tuple[Any, ...]) -> str:
+    """'did you mean' for an unknown key at ``loc`` (walks the schema)."""
+    cur: type[BaseModel] | None = model
+    for part in loc[:-1]:
+        if cur is None or part not in cur.model_fields:
+            return ""
+        ann = cur.model_fields[part].annotation
+        cur = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+    if cur is None:
+        return ""
+    close = difflib.get_close_matches(str(loc[-1]), _field_names(cur), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def format_validation_error(exc: ValidationError, *, source: str) -> str:
+    """One line per problem: 'source: a.b: message (got value)'."""
+    lines = []
+    for err in exc.errors():
+        loc = tuple(err["loc"])
+        where = ".".join(str(p) for p in loc) or "(top level)"
+        if err["type"] == "extra_forbidden":
+            lines.append(f"{source}: {where}: unknown key{_suggest(Config, loc)}")
+        elif err["type"] == "missing":
+            lines.append(f"{source}: {where}: required key is missing")
+        else:
+            msg = err["msg"].removeprefix("Value error, ")
+            lines.append(f"{source}: {where}: {msg} (got {err.get('input')!r})")
+    return "; ".join(lines)
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    if not all(parts):
+        raise ConfigError(f"--set {dotted!r}: empty key segment")
+    cur = tree
+    model: type[BaseModel] | None = Config
+    for i, part in enumerate(parts):
+        if model is not None and part not in model.model_fields:
+            raise ConfigError(f"--set {dotted}: unknown key {'.'.join(parts[: i + 1])!r}{_suggest(Config, tuple(parts[: i + 1]))}")
+        if i == len(parts) - 1:
+            cur[part] = value
+            return
+        ann = model.model_fields[part].annotation if model is not None else None
+        model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+        nxt = cur.get(part)
+        if nxt is None:
+            nxt = cur[part] = {}
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"--set {dotted}: {'.'.join(parts[: i + 1])!r} is not a section")
+        cur = nxt
+
+
+def apply_overrides(tree: dict, overrides: list[str]) -> dict:
+    """Apply 'a.b=value' overrides (values parsed as YAML) to a raw config dict, checked against the schema."""
+    out = yaml.safe_load(yaml.safe_dump(tree)) or {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. federation.rounds=3")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"--set {item!r}: cannot parse value ({exc})") from None
+        _set_dotted(out, key.strip(), value)
+    return out
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None, *, tree: dict | None = None) -> Config:
+    """Read YAML (or take ``tree``), apply overrides, validate; any problem is one ConfigError."""
+    source = str(path) if path else "<config>"
+    if tree is None:
+        p = Path(path)  # type: ignore[arg-type]
+        if not p.is_file():
+            raise ConfigError(f"{p}: config file not found")
+        try:
+            tree = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{p}: not valid YAML ({str(exc).splitlines()[0]})") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{p}: top level must be a mapping, got {type(tree).__name__}")
+    tree = apply_overrides(tree, list(overrides or []))
+    try:
+        cfg = Config.model_validate(tree)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, source=source)) from None
+    return cfg  # relative paths are relative to the working directory, like --out
+
+
+def dump_config(cfg: Config) -> str:
+    """The resolved config as YAML (saved beside every result)."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

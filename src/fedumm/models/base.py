@@ -1,0 +1,59 @@
+"""Model-adapter protocol and LoRA wiring shared by every model family."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+
+from fedumm.registry import Registry
+
+__all__ = ["LoraSpec", "ModelAdapter", "MODELS", "attach_lora", "target_regex"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoraSpec:
+    """LoRA hyperparameters (paper defaults r=16, alpha=32) and which towers to adapt."""
+
+    rank: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.0
+    groups: tuple[str, ...] = ("language",)  # towers: vision, language, generation
+    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+def target_regex(tower_prefixes: Mapping[str, str], groups: Sequence[str], modules: Sequence[str]) -> str:
+    """Full-name regex matching ``modules`` inside the chosen towers (peft matches it with fullmatch)."""
+    towers = "|".join(tower_prefixes[g] for g in groups)
+    mods = "|".join(re.escape(m) for m in modules)
+    return rf"(?:{towers})\..*\.(?:{mods})"
+
+
+def attach_lora(model: torch.nn.Module, *, spec: LoraSpec, target: str, seed: int) -> PeftModel:
+    """Wrap ``model`` with peft LoRA; the backbone is frozen, only adapter weights train."""
+    config = LoraConfig(
+        r=spec.rank, lora_alpha=spec.alpha, lora_dropout=spec.dropout, target_modules=target, bias="none"
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)  # the initial A matrices are the same on every client and server
+        peft_model = get_peft_model(model, config)
+    return peft_model
+
+
+class ModelAdapter(Protocol):
+    """What the training loop needs from a model family (the Janus family implements it)."""
+
+    model: PeftModel
+
+    def vqa_batch(self, samples: Sequence[Any], *, with_answers: bool) -> dict[str, torch.Tensor]: ...
+
+    def vqa_loss(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor: ...
+
+    def vqa_answer(self, samples: Sequence[Any]) -> list[str]: ...
+
+
+MODELS: Registry[Any] = Registry("model family")

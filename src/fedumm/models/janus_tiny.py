@@ -1,0 +1,108 @@
+"""The built-in tiny Janus: a real ``JanusForConditionalGeneration`` at a ~2M-parameter configuration.
+
+Its tokenizer is a word-level ``tokenizers`` model over the synthetic world's vocabulary, wrapped in
+``PreTrainedTokenizerFast`` so that the stock ``JanusProcessor`` drives it exactly as it drives the
+tokenizer of a real Janus-Pro checkpoint.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
+from tokenizers.models import WordLevel
+from transformers import (
+    JanusConfig,
+    JanusForConditionalGeneration,
+    JanusImageProcessorPil,
+    JanusProcessor,
+    JanusVisionConfig,
+    JanusVQVAEConfig,
+    LlamaConfig,
+    PreTrainedTokenizerFast,
+)
+
+__all__ = ["SPECIAL_TOKENS", "IMAGE_SIZE", "NUM_IMAGE_TOKENS", "build_tokenizer", "build_processor", "build_tiny_janus"]
+
+SPECIAL_TOKENS = ("<pad>", "<unk>", "<bos>", "<eos>", "<image_placeholder>", "<begin_of_image>", "<end_of_image>")
+IMAGE_SIZE = 64
+NUM_IMAGE_TOKENS = 64  # (64 / patch 8) ** 2
+
+
+def build_tokenizer(words: Sequence[str]) -> PreTrainedTokenizerFast:
+    """Word-level tokenizer: specials first, then the sorted unique vocabulary."""
+    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
+    for w in sorted(set(words) - set(SPECIAL_TOKENS)):
+        vocab[w] = len(vocab)
+    core = Tokenizer(WordLevel(vocab=vocab, unk_token="<unk>"))
+    core.normalizer = normalizers.Lowercase()
+    core.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    core.post_processor = processors.TemplateProcessing(
+        single="<bos> $A", pair="<bos> $A $B", special_tokens=[("<bos>", vocab["<bos>"])]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        pad_token="<pad>",
+        unk_token="<unk>",
+        bos_token="<bos>",
+        eos_token="<eos>",
+        extra_special_tokens={
+            "image_token": "<image_placeholder>",
+            "boi_token": "<begin_of_image>",
+            "eoi_token": "<end_of_image>",
+        },
+    )
+
+
+def build_processor(tokenizer: PreTrainedTokenizerFast) -> JanusProcessor:
+    """Stock Janus processor at 64x64 with 64 image tokens, no default system prompt."""
+    image_processor = JanusImageProcessorPil(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, min_size=8)
+    return JanusProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        num_image_tokens=NUM_IMAGE_TOKENS,
+        use_default_system_prompt=False,
+    )
+
+
+def build_tiny_janus(tokenizer: PreTrainedTokenizerFast, *, codebook_size: int = 512) -> JanusForConditionalGeneration:
+    """A freshly initialised tiny Janus sized for 2 CPU cores (about 2M parameters, 8 MB in fp32)."""
+    ids = tokenizer.convert_tokens_to_ids
+    text = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=256,
+        pad_token_id=ids("<pad>"),
+        bos_token_id=ids("<bos>"),
+        eos_token_id=ids("<eos>"),
+        tie_word_embeddings=False,
+    )
+    vision = JanusVisionConfig(
+        hidden_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=IMAGE_SIZE,
+        patch_size=8,
+        projection_dim=128,
+        depth=2,
+        num_image_tokens=NUM_IMAGE_TOKENS,
+        mlp_ratio=2.0,
+    )
+    vq = JanusVQVAEConfig(
+        embed_dim=8,
+        num_embeddings=codebook_size,
+        latent_channels=32,
+        base_channels=32,  # GroupNorm(32 groups) needs at least 32 channels
+        channel_multiplier=[1, 1, 2, 2],  # 64 px -> 8x8 latent grid = 64 image tokens
+        num_res_blocks=1,
+        projection_dim=128,
+        image_token_embed_dim=128,
+        num_hidden_layers=2,
+        num_patches=8,
+    )
+    config = JanusConfig(text_config=text, vision_config=vision, vq_config=vq, image_token_id=ids("<image_placeholder>"))
+    return JanusForConditionalGeneration(config)

@@ -1,0 +1,106 @@
+"""The run directory: resolved config, metrics.jsonl, per-round checkpoint, adapter, plot, summary."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+from fedumm.errors import CheckpointError, ConfigError
+from fedumm.io import atomic_save_safetensors, atomic_write_json, atomic_write_text, read_safetensors
+from fedumm.types import AdapterState, RoundRecord
+
+__all__ = ["RunDir"]
+
+
+class RunDir:
+    """Owns every file of one run; each write is atomic or an fsync'd append."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    # ---- layout ----
+    @property
+    def metrics(self) -> Path:
+        return self.path / "metrics.jsonl"
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.path / "checkpoint"
+
+    def create(self, config_yaml: str, *, resume: bool = False) -> None:
+        """Create the directory; refuse to overwrite another run unless resuming."""
+        if self.metrics.exists() and not resume:
+            raise ConfigError(f"{self.path} already holds a run (metrics.jsonl); use --resume or another --out")
+        self.path.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.path / "config.yaml", config_yaml)
+
+    # ---- per round ----
+    def append_round(self, record: RoundRecord) -> None:
+        with open(self.metrics, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record.to_json()) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def save_checkpoint(self, rnd: int, state: AdapterState, server_state: Mapping[str, torch.Tensor]) -> None:
+        """Write round ``rnd``'s global adapter and strategy state, then the pointer (atomic each)."""
+        d = self.checkpoint_dir
+        atomic_save_safetensors(d / f"round-{rnd:04d}.safetensors", state, {"round": str(rnd)})
+        atomic_save_safetensors(d / f"server-{rnd:04d}.safetensors", server_state, {"round": str(rnd)})
+        atomic_write_json(d / "latest.json", {"round": rnd})
+        for old in d.glob("*.safetensors"):  # keep the last two rounds
+            try:
+                r = int(old.stem.split("-")[1])
+            except (IndexError, ValueError):
+                continue
+            if r < rnd - 1:
+                old.unlink(missing_ok=True)
+
+    def load_checkpoint(self) -> tuple[int, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """Latest good round: falls back to the previous round when the latest files are corrupt."""
+        d = self.checkpoint_dir
+        rounds = sorted(
+            {int(p.stem.split("-")[1]) for p in d.glob("round-*.safetensors") if p.stem.split("-")[1].isdigit()},
+            reverse=True,
+        )
+        if not rounds:
+            raise CheckpointError(f"{d}: no checkpoint to resume from")
+        errors = []
+        for rnd in rounds:
+            try:
+                state = read_safetensors(d / f"round-{rnd:04d}.safetensors")
+                server = read_safetensors(d / f"server-{rnd:04d}.safetensors")
+                return rnd, state, server
+            except CheckpointError as exc:
+                errors.append(str(exc))
+        raise CheckpointError("no readable checkpoint: " + "; ".join(errors))
+
+    # ---- final ----
+    def save_peft_adapter(self, peft_model, name: str = "global_adapter") -> Path:
+        """Save the loaded adapter in peft's layout (PeftModel.from_pretrained reads it)."""
+        final = self.path / name
+        tmp = self.path / f".{name}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        peft_model.save_pretrained(tmp)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        return final
+
+    def write_summary(self, summary: Mapping) -> Path:
+        return atomic_write_json(self.path / "summary.json", dict(summary))
+
+    def read_rounds(self) -> list[dict]:
+        if not self.metrics.exists():
+            return []
+        out = []
+        for line in self.metrics.read_text(encoding="utf-8").splitlines():
+            if line.strip():
+                try:
+                    out.append(json.loads(line))
+                except json.JSONDecodeError:
+                    break  # a torn last line from a crash: the rounds before it stand
+        return out

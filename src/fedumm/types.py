@@ -1,0 +1,87 @@
+"""Frozen dataclasses that cross layer boundaries: adapter states, client updates, round records."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import torch
+
+from fedumm.errors import InvalidUpdate
+
+__all__ = ["AdapterState", "ClientUpdate", "RoundRecord", "validate_update"]
+
+#: Canonical adapter state: adapter-name-free peft keys -> CPU tensors, never sharing storage
+#: with live parameters. Built by :func:`fedumm.models.lora_state.get_adapter_state`.
+AdapterState = Mapping[str, torch.Tensor]
+
+
+@dataclass(frozen=True, kw_only=True)
+class ClientUpdate:
+    """What one client sends back after a round of local training."""
+
+    client_id: str
+    state: AdapterState  # the client's full local adapter after training
+    num_examples: int  # examples seen per epoch; the FedAvg weight
+    metrics: Mapping[str, float] = field(default_factory=dict)  # e.g. train_loss, val_score
+    # Examples that trained each adapter group (per-modality aggregation). None: every group.
+    group_examples: Mapping[str, int] | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class RoundRecord:
+    """One finished round as written to metrics.jsonl."""
+
+    round: int
+    clients: tuple[str, ...]
+    global_metrics: Mapping[str, float]
+    client_metrics: Mapping[str, Mapping[str, float]]
+    bytes_up: Mapping[str, int]
+    bytes_down: Mapping[str, int]
+    wall_time_s: float
+    dropped: tuple[str, ...] = ()
+
+    def to_json(self) -> dict:
+        return {
+            "round": self.round,
+            "clients": list(self.clients),
+            "dropped": list(self.dropped),
+            "global": dict(self.global_metrics),
+            "client_metrics": {k: dict(v) for k, v in self.client_metrics.items()},
+            "bytes_up": dict(self.bytes_up),
+            "bytes_down": dict(self.bytes_down),
+            "bytes_up_total": sum(self.bytes_up.values()),
+            "bytes_down_total": sum(self.bytes_down.values()),
+            "wall_time_s": self.wall_time_s,
+        }
+
+
+def validate_update(update: ClientUpdate, reference: AdapterState) -> None:
+    """Reject an update whose count, keys, shapes, dtypes or values cannot be aggregated."""
+    cid = update.client_id
+    n = update.num_examples
+    if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
+        raise InvalidUpdate(f"client {cid!r}: num_examples must be an int > 0, got {n!r}")
+    keys, ref_keys = set(update.state), set(reference)
+    if keys != ref_keys:
+        missing = sorted(ref_keys - keys)[:3]
+        extra = sorted(keys - ref_keys)[:3]
+        raise InvalidUpdate(f"client {cid!r}: adapter keys differ (missing {missing}, unexpected {extra})")
+    for key, ref in reference.items():
+        t = update.state[key]
+        if not isinstance(t, torch.Tensor):
+            raise InvalidUpdate(f"client {cid!r}: {key} is {type(t).__name__}, not a tensor")
+        if t.shape != ref.shape:
+            raise InvalidUpdate(f"client {cid!r}: {key} has shape {tuple(t.shape)}, expected {tuple(ref.shape)}")
+        if not t.is_floating_point():
+            raise InvalidUpdate(f"client {cid!r}: {key} has dtype {t.dtype}, expected a float dtype")
+        if not bool(torch.isfinite(t).all()):
+            raise InvalidUpdate(f"client {cid!r}: {key} contains NaN or Inf")
+    for name, value in update.metrics.items():
+        if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value):
+            raise InvalidUpdate(f"client {cid!r}: metric {name!r} must be a finite number, got {value!r}")
+    if update.group_examples is not None:
+        for g, gn in update.group_examples.items():
+            if isinstance(gn, bool) or not isinstance(gn, int) or gn < 0:
+                raise InvalidUpdate(f"client {cid!r}: group_examples[{g!r}] must be an int >= 0, got {gn!r}")
