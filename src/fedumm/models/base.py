@@ -12,7 +12,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 
 from fedumm.registry import Registry
 
-__all__ = ["LoraSpec", "ModelAdapter", "MODELS", "attach_lora", "target_regex"]
+__all__ = ["LoraSpec", "ModelAdapter", "MODELS", "attach_lora"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -23,14 +23,7 @@ class LoraSpec:
     alpha: float = 32.0
     dropout: float = 0.0
     groups: tuple[str, ...] = ("language",)  # towers: vision, language, generation
-    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
-
-
-def target_regex(tower_prefixes: Mapping[str, str], groups: Sequence[str], modules: Sequence[str]) -> str:
-    """Full-name regex matching ``modules`` inside the chosen towers (peft matches it with fullmatch)."""
-    towers = "|".join(tower_prefixes[g] for g in groups)
-    mods = "|".join(re.escape(m) for m in modules)
-    return rf"(?:{towers})\..*\.(?:{mods})"
+    target_modules: tuple[str, ...] = ()  # empty: each tower's default modules
 
 
 def attach_lora(model: torch.nn.Module, *, spec: LoraSpec, target: str, seed: int) -> PeftModel:

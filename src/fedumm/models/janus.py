@@ -138,19 +138,18 @@ class JanusFamily:
     def _prompts(self, samples: Sequence[Any]) -> list[str]:
         return [self.prompt_template.format(question=s.question) for s in samples]
 
-    def _pixels(self, samples: Sequence[Any]) -> torch.Tensor:
-        imgs = [self.images.get(Path(s.image_path)) for s in samples]
-        return self.processor.image_processor(imgs, return_tensors="pt")["pixel_values"]  # (B, 3, H, W)
-
     def vqa_batch(self, samples: Sequence[Any], *, with_answers: bool) -> dict[str, torch.Tensor]:
         """Token ids (prompt [+ answer + eos]), attention mask, pixels and labels (answer tokens only)."""
         prompts = self._prompts(samples)
-        pixel_values = self._pixels(samples)
-        enc = self.processor(text=prompts)  # expands the image token; lists of ids
+        imgs = [self.images.get(Path(s.image_path)) for s in samples]
+        # the processor expands each image token to boi + N image tokens + eoi
+        enc = self.processor(text=prompts, images=imgs, return_tensors="pt", padding=True)
+        pixel_values = enc["pixel_values"]  # (B, 3, H, W)
+        prompt_ids = [row[m.bool()].tolist() for row, m in zip(enc["input_ids"], enc["attention_mask"], strict=True)]
         eos = self.tokenizer.eos_token_id
         pad = self.tokenizer.pad_token_id
         seqs, labels = [], []
-        for ids, s in zip(enc["input_ids"], samples, strict=True):
+        for ids, s in zip(prompt_ids, samples, strict=True):
             ids = list(ids)
             lab = [-100] * len(ids)
             if with_answers:

@@ -1,0 +1,72 @@
+"""Config validation, overrides and their error messages."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from fedumm.config import load_config
+from fedumm.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def write(tmp_path, tree):
+    p = tmp_path / "c.yaml"
+    p.write_text(yaml.safe_dump(tree))
+    return p
+
+
+def test_defaults_are_paper_lora(tmp_path):
+    cfg = load_config(write(tmp_path, {"data": {"path": "d"}}))
+    assert (cfg.lora.rank, cfg.lora.alpha) == (16, 32.0)
+    assert cfg.federation.strategy == "fedavg"
+
+
+def test_unknown_key_suggests(tmp_path):
+    with pytest.raises(ConfigError, match=r"federation\.alpah: unknown key \(did you mean 'alpha'\?\)"):
+        load_config(write(tmp_path, {"data": {"path": "d"}, "federation": {"alpah": 1}}))
+
+
+def test_bad_value_names_key_and_value(tmp_path):
+    with pytest.raises(ConfigError, match=r"federation\.alpha: .*greater than or equal to 0.*-1"):
+        load_config(write(tmp_path, {"data": {"path": "d"}, "federation": {"alpha": -1}}))
+
+
+def test_unknown_strategy_suggests(tmp_path):
+    with pytest.raises(ConfigError, match="did you mean 'fedavg'"):
+        load_config(write(tmp_path, {"data": {"path": "d"}, "federation": {"strategy": "fedavgg"}}))
+
+
+def test_overrides_checked_against_schema(tmp_path):
+    p = write(tmp_path, {"data": {"path": "d"}})
+    cfg = load_config(p, ["federation.rounds=7", "lora.groups=[language, vision]"])
+    assert cfg.federation.rounds == 7 and cfg.lora.groups == ("language", "vision")
+    with pytest.raises(ConfigError, match=r"unknown key 'lora.rnak' \(did you mean 'rank'\?\)"):
+        load_config(p, ["lora.rnak=4"])
+    with pytest.raises(ConfigError, match="KEY=VALUE"):
+        load_config(p, ["lora.rank"])
+    with pytest.raises(ConfigError, match="lora.rank"):
+        load_config(p, ["lora.rank=zero"])
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+    p = tmp_path / "bad.yaml"
+    p.write_text("a: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(p)
+    p.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(p)
+
+
+def test_min_clients_cannot_exceed_clients(tmp_path):
+    with pytest.raises(ConfigError, match="min_clients"):
+        load_config(write(tmp_path, {"data": {"path": "d"}, "federation": {"clients": 2, "min_clients": 3}}))
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_validates(path):
+    load_config(path)
