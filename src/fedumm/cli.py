@@ -94,34 +94,44 @@ def _summary_table(summary: dict) -> Table:
 
 @app.command()
 def run(
-    config: Annotated[Path, typer.Argument(help="YAML config")],
-    out: Annotated[Path, typer.Option("--out", help="run directory")],
+    config: Annotated[Path | None, typer.Argument(help="YAML config")] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="run directory")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="override, e.g. federation.rounds=3")] = None,
+    resume: Annotated[Path | None, typer.Option("--resume", help="continue the interrupted run in this directory")] = None,
     overwrite: Annotated[bool, typer.Option(help="delete an existing run in --out first")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
-    """Run zero-shot, centralized and federated training as the config says."""
+    """Run zero-shot, centralized and federated training as the config says (or --resume a run)."""
     _setup_logging(verbose)
     from fedumm.config import load_config
-    from fedumm.experiment import run_experiment
+    from fedumm.experiment import resume_experiment, run_experiment
 
+    target = resume or out
     try:
-        cfg = load_config(config, set_ or [])
-        if overwrite and (out / "metrics.jsonl").exists():
-            shutil.rmtree(out)
+        if resume is not None:
+            if config is not None or set_:
+                raise ConfigError("--resume takes the config saved in the run directory; drop CONFIG and --set")
+        elif config is None or out is None:
+            raise ConfigError("usage: fedumm run CONFIG.yaml --out DIR [--set KEY=VALUE ...] | fedumm run --resume DIR")
         with _progress() as bars:
-            summary = run_experiment(cfg, out, progress=RichProgress(bars))
+            if resume is not None:
+                summary = resume_experiment(resume, progress=RichProgress(bars))
+            else:
+                cfg = load_config(config, set_ or [])
+                if overwrite and (out / "metrics.jsonl").exists():
+                    shutil.rmtree(out)
+                summary = run_experiment(cfg, out, progress=RichProgress(bars))
     except KeyboardInterrupt:
-        console.print(f"[yellow]interrupted[/]: finished rounds are kept in {out}")
+        console.print(f"[yellow]interrupted[/]: finished rounds are kept in {target}; continue with --resume {target}")
         raise typer.Exit(130) from None
     except FedummError as exc:
         _fail(exc)
     out_console.print(_summary_table(summary))
     mb = 1024 * 1024
     out_console.print(
-        f"bytes per round: up {summary['bytes_up_per_round'] / mb:.3f} MiB, down {summary['bytes_down_per_round'] / mb:.3f} MiB; "
-        f"full model {summary['full_model_bytes'] / mb:.2f} MiB; wall {summary['wall_time_s']:.1f} s; "
-        f"peak RSS {summary['peak_rss_bytes'] / mb:.0f} MiB; outputs in {out}"
+        f"bytes per round: up {summary['bytes_up_per_round'] / mb:.3f} MiB, "
+        f"down {summary['bytes_down_per_round'] / mb:.3f} MiB; full model {summary['full_model_bytes'] / mb:.2f} MiB; "
+        f"wall {summary['wall_time_s']:.1f} s; peak RSS {summary['peak_rss_bytes'] / mb:.0f} MiB; outputs in {target}"
     )
 
 

@@ -85,6 +85,24 @@ class FederationConfig(_Strict):
         return self
 
 
+class NvflareConfig(_Strict):
+    """Settings of the NVIDIA FLARE engines (ignored by the in-process engine)."""
+
+    workspace: Path | None = Field(default=None, description="FLARE workspace; null = RUN_DIR/nvflare")
+    fl_port: int = Field(default=18002, ge=1024, le=65535, description="POC server port (loopback)")
+    admin_port: int = Field(default=18003, ge=1024, le=65535, description="POC admin port (loopback)")
+    round_timeout_s: float = Field(default=600.0, gt=0, description="a client slower than this is dropped")
+    start_timeout_s: float = Field(default=180.0, gt=0, description="POC start-up and job submission limit")
+    launch_external_process: bool = Field(default=True, description="client trainer in its own process")
+    quiet: bool = Field(default=True, description="only warnings from FLARE on the console")
+
+    @model_validator(mode="after")
+    def _ports(self) -> NvflareConfig:
+        if self.fl_port == self.admin_port:
+            raise ValueError(f"fl_port and admin_port must differ, both are {self.fl_port}")
+        return self
+
+
 class BaselinesConfig(_Strict):
     zero_shot: bool = True
     centralized: bool = True
@@ -95,13 +113,14 @@ class Config(_Strict):
 
     name: str = "run"
     seed: int = Field(default=0, ge=0)
-    engine: Literal["inprocess"] = "inprocess"
+    engine: Literal["inprocess", "nvflare-sim", "nvflare-poc"] = "inprocess"
     data: DataConfig
     model: ModelConfig = ModelConfig()
     lora: LoraConfigModel = LoraConfigModel()
     train: TrainConfig = TrainConfig()
     federation: FederationConfig = FederationConfig()
     baselines: BaselinesConfig = BaselinesConfig()
+    nvflare: NvflareConfig = NvflareConfig()
 
 
 def _field_names(model: type[BaseModel]) -> list[str]:

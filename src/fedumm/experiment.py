@@ -6,13 +6,14 @@ import logging
 import resource
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedumm.client.train import TrainSpec, evaluate_vqa, split_local_val, train_local
+from fedumm.client.train import TrainSpec, evaluate_vqa, num_steps, split_local_val, train_local
 from fedumm.config import Config, dump_config
-from fedumm.data.partition import build_partition, save_partition
-from fedumm.errors import ConfigError
+from fedumm.data.partition import Partition, build_partition, load_partition, save_partition
+from fedumm.errors import CheckpointError, ConfigError
 from fedumm.fl.strategies import make_strategy
 from fedumm.models.base import LoraSpec
 from fedumm.models.janus import JanusFamily
@@ -22,11 +23,23 @@ from fedumm.progress import NullProgress, Progress
 from fedumm.seeding import derive_seed
 from fedumm.server.rounds import RoundLoop
 from fedumm.server.run_dir import RunDir
+from fedumm.types import AdapterState, RoundRecord
 from fedumm.wire import pack_state
 
 log = logging.getLogger(__name__)
 
-__all__ = ["run_experiment", "peak_rss_bytes", "ExperimentData", "load_data"]
+__all__ = [
+    "run_experiment",
+    "peak_rss_bytes",
+    "ExperimentData",
+    "load_data",
+    "make_partition",
+    "client_splits",
+    "build_family",
+    "train_spec",
+    "load_client",
+    "resume_experiment",
+]
 
 
 def peak_rss_bytes() -> int:
@@ -42,7 +55,7 @@ class ExperimentData:
     test: list
 
 
-def load_data(cfg: Config) -> ExperimentData:
+def load_data(cfg: Config, *, eval_splits: bool = True) -> ExperimentData:
     """Load the train/val/test splits (building the synthetic world first if asked to)."""
     from fedumm.data.synth import synthesize
     from fedumm.data.vqa import load_split
@@ -54,8 +67,8 @@ def load_data(cfg: Config) -> ExperimentData:
         log.info("synthesizing the world into %s", d.path)
         synthesize(d.path, seed=cfg.seed, images=d.synth_images)
     train = load_split(d.path, d.train_split)
-    val = load_split(d.path, d.val_split)
-    test = load_split(d.path, d.test_split)
+    val = load_split(d.path, d.val_split) if eval_splits else []
+    test = load_split(d.path, d.test_split) if eval_splits else []
     if d.max_val_questions:
         val = val[: d.max_val_questions]
     if d.max_test_questions:
@@ -63,10 +76,33 @@ def load_data(cfg: Config) -> ExperimentData:
     return ExperimentData(train=train, val=val, test=test)
 
 
-def _train_spec(cfg: Config, epochs: int) -> TrainSpec:
+def make_partition(cfg: Config, train: Sequence) -> Partition:
+    """Dirichlet partition of the training split over the clients, seeded from the run seed."""
+    fed = cfg.federation
+    return build_partition(
+        [s.question_id for s in train],
+        [s.multiple_choice_answer for s in train],
+        num_clients=fed.clients,
+        alpha=fed.alpha,
+        min_size=fed.min_partition_size,
+        seed=derive_seed(cfg.seed, "partition"),
+    )
+
+
+def client_splits(cfg: Config, train: Sequence, partition: Partition) -> dict[str, tuple[list, list]]:
+    """Per client: (local training samples, local validation samples for the quality score)."""
+    by_id = {s.question_id: s for s in train}
+    out = {}
+    for name, qids in partition.clients.items():
+        samples = [by_id[q] for q in qids]
+        out[name] = split_local_val(samples, cfg.train.local_val_fraction, derive_seed(cfg.seed, "local-val", name))
+    return out
+
+
+def train_spec(cfg: Config, epochs: int | None = None) -> TrainSpec:
     t = cfg.train
     return TrainSpec(
-        epochs=epochs,
+        epochs=epochs or t.local_epochs,
         batch_size=t.batch_size,
         grad_accum=t.grad_accum,
         lr=t.lr,
@@ -77,7 +113,7 @@ def _train_spec(cfg: Config, epochs: int) -> TrainSpec:
 
 
 def build_family(cfg: Config) -> tuple[JanusFamily, int]:
-    """Load the backbone, note the full-model size, attach LoRA."""
+    """Load the backbone, note the full-model size, attach LoRA (same initial adapter everywhere)."""
     family = JanusFamily.from_pretrained(
         cfg.model.path,
         device=cfg.model.device,
@@ -96,48 +132,67 @@ def build_family(cfg: Config) -> tuple[JanusFamily, int]:
     return family, full_bytes
 
 
-def run_experiment(cfg: Config, out_dir: str | Path, *, progress: Progress | None = None) -> dict:
-    """Run zero-shot, centralized and federated training as configured; return summary.json's content."""
-    from fedumm.engines.inprocess import InProcessEngine
+def load_client(cfg: Config, partition_path: str | Path, client: str) -> tuple[JanusFamily, list, list]:
+    """Everything one client process needs: its model and its (train, local val) data."""
+    data = load_data(cfg, eval_splits=False)
+    part = load_partition(partition_path)
+    if client not in part.clients:
+        raise ConfigError(f"client {client!r} is not in {partition_path} (clients: {', '.join(part.clients)})")
+    by_id = {s.question_id: s for s in data.train}
+    samples = [by_id[q] for q in part.clients[client]]
+    train, val = split_local_val(samples, cfg.train.local_val_fraction, derive_seed(cfg.seed, "local-val", client))
+    family, _ = build_family(cfg)
+    return family, train, val
 
+
+def resume_experiment(out_dir: str | Path, *, progress: Progress | None = None) -> dict:
+    """Continue an interrupted run from its last good checkpoint, with the config saved in it."""
+    from fedumm.config import load_config
+
+    run = RunDir(out_dir)
+    cfg_path = run.path / "config.yaml"
+    if not cfg_path.is_file():
+        raise ConfigError(f"{run.path} holds no run to resume (config.yaml missing)")
+    return run_experiment(load_config(cfg_path), out_dir, progress=progress, resume=True)
+
+
+def run_experiment(
+    cfg: Config, out_dir: str | Path, *, progress: Progress | None = None, resume: bool = False
+) -> dict:
+    """Run zero-shot, centralized and federated training as configured; return summary.json's content.
+
+    With ``resume`` the baselines already in summary.json are kept and the federation continues after
+    the last good checkpoint; the result is bit-identical to an uninterrupted run, because every
+    round depends only on the global adapter, the strategy state and seeds derived from the round.
+    """
     progress = progress or NullProgress()
     t_start = time.perf_counter()
     run = RunDir(out_dir)
-    run.create(dump_config(cfg))
+    previous = run.read_summary() if resume else {}
+    if resume and previous.get("status") == "finished":
+        return previous
+    run.create(dump_config(cfg), resume=resume)
     data = load_data(cfg)
     fed = cfg.federation
 
-    # ---- partition the private training split ----
-    part = build_partition(
-        [s.question_id for s in data.train],
-        [s.multiple_choice_answer for s in data.train],
-        num_clients=fed.clients,
-        alpha=fed.alpha,
-        min_size=fed.min_partition_size,
-        seed=derive_seed(cfg.seed, "partition"),
-    )
-    save_partition(part, run.path / "partition.json")
-    by_id = {s.question_id: s for s in data.train}
-    client_data = {}
-    for name, qids in part.clients.items():
-        samples = [by_id[q] for q in qids]
-        client_data[name] = split_local_val(
-            samples, cfg.train.local_val_fraction, derive_seed(cfg.seed, "local-val", name)
-        )
+    partition = make_partition(cfg, data.train)
+    save_partition(partition, run.path / "partition.json")
+    splits = client_splits(cfg, data.train, partition)
 
     family, full_bytes = build_family(cfg)
     initial = get_adapter_state(family.model)
     bs = cfg.train.eval_batch_size
 
-    def evaluate(state, split_samples, label: str) -> float:
+    def evaluate(state: AdapterState, samples: Sequence, label: str) -> float:
         set_adapter_state_(family.model, state)
-        progress.start("eval", f"eval {label}", -(-len(split_samples) // bs))
-        acc = evaluate_vqa(family, split_samples, batch_size=bs, progress=lambda d, t: progress.update("eval", d))
+        progress.start("eval", f"eval {label}", -(-len(samples) // bs))
+        acc = evaluate_vqa(family, samples, batch_size=bs, progress=lambda d, t: progress.update("eval", d))
         progress.finish("eval")
         return acc
 
     summary: dict = {
         "name": cfg.name,
+        "engine": cfg.engine,
         "status": "running",
         "zero_shot": None,
         "centralized": None,
@@ -151,22 +206,34 @@ def run_experiment(cfg: Config, out_dir: str | Path, *, progress: Progress | Non
         "peak_rss_bytes": None,
     }
     val_baselines: dict[str, float | None] = {"zero-shot": None, "centralized": None}
+    start_round, start_state, server_state = 1, initial, {}
+    if resume:
+        for key in ("zero_shot", "centralized"):
+            summary[key] = previous.get(key)
+        val_baselines["zero-shot"] = (summary["zero_shot"] or {}).get("val_vqa_accuracy")
+        val_baselines["centralized"] = (summary["centralized"] or {}).get("val_vqa_accuracy")
+        try:
+            done, start_state, server_state = run.load_checkpoint()
+            start_round = done + 1
+        except CheckpointError as exc:
+            log.warning("no usable checkpoint (%s); the federation restarts from round 1", exc)
+        run.truncate_rounds(start_round - 1)
     try:
-        if cfg.baselines.zero_shot:
+        if cfg.baselines.zero_shot and summary["zero_shot"] is None:
             acc = evaluate(initial, data.test, "zero-shot (test)")
             val_baselines["zero-shot"] = evaluate(initial, data.val, "zero-shot (val)")
             summary["zero_shot"] = {"vqa_accuracy": acc, "val_vqa_accuracy": val_baselines["zero-shot"]}
-        if cfg.baselines.centralized:
+        if cfg.baselines.centralized and summary["centralized"] is None:
             t0 = time.perf_counter()
             set_adapter_state_(family.model, initial)
-            pooled = [s for train, _ in client_data.values() for s in train]
-            epochs = fed.rounds * cfg.train.local_epochs
-            spec = _train_spec(cfg, epochs)
-            from fedumm.client.train import num_steps
-
+            pooled = [s for train, _ in splits.values() for s in train]
+            spec = train_spec(cfg, fed.rounds * cfg.train.local_epochs)
             progress.start("central", "centralized baseline: steps", num_steps(len(pooled), spec))
             res = train_local(
-                family, pooled, spec=spec, seed=derive_seed(cfg.seed, "centralized"),
+                family,
+                pooled,
+                spec=spec,
+                seed=derive_seed(cfg.seed, "centralized"),
                 progress=lambda d, t: progress.update("central", d),
             )
             progress.finish("central")
@@ -182,37 +249,56 @@ def run_experiment(cfg: Config, out_dir: str | Path, *, progress: Progress | Non
             run.write_summary(summary)
 
         strategy = make_strategy(fed.strategy, **fed.strategy_params)
-        engine = InProcessEngine(
-            family=family, client_data=client_data, spec=_train_spec(cfg, cfg.train.local_epochs),
-            seed=cfg.seed, progress=progress,
-        )
-        rounds_done: list[dict] = []
+        strategy.load_state_dict(server_state)
+        rounds_done: list[dict] = run.read_rounds()
         progress.start("rounds", "federated rounds", fed.rounds)
+        progress.update("rounds", start_round - 1)
 
-        def on_round(record, state) -> None:
+        def on_round(record: RoundRecord, state: AdapterState) -> None:
             run.append_round(record)
             run.save_checkpoint(record.round, state, strategy.state_dict())
             rounds_done.append(record.to_json())
             progress.update("rounds", record.round)
 
-        loop = RoundLoop(
-            engine=engine,
-            strategy=strategy,
-            clients=list(client_data),
-            num_rounds=fed.rounds,
-            seed=cfg.seed,
-            sample_fraction=fed.sample_fraction,
-            min_clients=fed.min_clients,
-            group_of=family.group_of,
-            evaluate=lambda state, rnd: {"vqa_accuracy": evaluate(state, data.val, f"round {rnd} (val)")},
-            on_round=on_round,
-        )
-        final = loop.run(initial)
+        def eval_round(state: AdapterState, rnd: int) -> dict[str, float]:
+            return {"vqa_accuracy": evaluate(state, data.val, f"round {rnd} (val)")}
+
+        t_fed = time.perf_counter()
+        if cfg.engine == "inprocess":
+            from fedumm.engines.inprocess import InProcessEngine
+
+            engine = InProcessEngine(
+                family=family, client_data=splits, spec=train_spec(cfg), seed=cfg.seed, progress=progress
+            )
+            loop = RoundLoop(
+                engine=engine,
+                strategy=strategy,
+                clients=list(splits),
+                num_rounds=fed.rounds,
+                seed=cfg.seed,
+                sample_fraction=fed.sample_fraction,
+                min_clients=fed.min_clients,
+                group_of=family.group_of,
+                evaluate=eval_round,
+                on_round=on_round,
+            )
+            final = loop.run(start_state, start_round=start_round)
+        else:
+            from fedumm.engines.nvflare import run_nvflare
+
+            # the FLARE server never builds the backbone: global evaluation happens here, per round,
+            # on the adapters the server wrote
+            if start_round > 1:
+                raise ConfigError("--resume is supported by the in-process engine only")
+            final = run_nvflare(
+                cfg, run, initial_state=initial, evaluate=eval_round, on_round=on_round, progress=progress
+            )
         progress.finish("rounds")
         summary["federated"] = {
             "vqa_accuracy": evaluate(final, data.test, "federated (test)"),
             "val_vqa_accuracy": rounds_done[-1]["global"]["vqa_accuracy"],
             "rounds": fed.rounds,
+            "wall_time_s": time.perf_counter() - t_fed,
         }
         set_adapter_state_(family.model, final)
         run.save_peft_adapter(family.model)
@@ -223,19 +309,22 @@ def run_experiment(cfg: Config, out_dir: str | Path, *, progress: Progress | Non
         summary["status"] = "interrupted"
         raise
     finally:
-        rounds = run.read_rounds()
-        if rounds:
-            plot_accuracy_per_round(
-                run.path / "accuracy_per_round.png",
-                [0] + [r["round"] for r in rounds] if val_baselines["zero-shot"] is not None else [r["round"] for r in rounds],
-                ([val_baselines["zero-shot"]] if val_baselines["zero-shot"] is not None else [])
-                + [r["global"].get("vqa_accuracy") for r in rounds],
-                baselines=val_baselines,
-            )
-        summary["rounds_completed"] = len(rounds)
-        summary["wall_time_s"] = time.perf_counter() - t_start
-        summary["peak_rss_bytes"] = peak_rss_bytes()
-        if summary["status"] == "running":
-            summary["status"] = "failed"
-        run.write_summary(summary)
+        _finish(run, summary, val_baselines, t_start)
     return summary
+
+
+def _finish(run: RunDir, summary: dict, val_baselines: dict, t_start: float) -> None:
+    """Plot what finished and write summary.json (also after an error or Ctrl-C)."""
+    rounds = run.read_rounds()
+    if rounds:
+        xs = [r["round"] for r in rounds]
+        ys = [r["global"].get("vqa_accuracy") for r in rounds]
+        if val_baselines["zero-shot"] is not None:
+            xs, ys = [0, *xs], [val_baselines["zero-shot"], *ys]
+        plot_accuracy_per_round(run.path / "accuracy_per_round.png", xs, ys, baselines=val_baselines)
+    summary["rounds_completed"] = len(rounds)
+    summary["wall_time_s"] = time.perf_counter() - t_start
+    summary["peak_rss_bytes"] = peak_rss_bytes()
+    if summary["status"] == "running":
+        summary["status"] = "failed"
+    run.write_summary(summary)

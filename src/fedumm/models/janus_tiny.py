@@ -26,7 +26,8 @@ __all__ = ["SPECIAL_TOKENS", "IMAGE_SIZE", "NUM_IMAGE_TOKENS", "build_tokenizer"
 
 SPECIAL_TOKENS = ("<pad>", "<unk>", "<bos>", "<eos>", "<image_placeholder>", "<begin_of_image>", "<end_of_image>")
 IMAGE_SIZE = 64
-NUM_IMAGE_TOKENS = 64  # (64 / patch 8) ** 2
+PATCH_SIZE = 16
+NUM_IMAGE_TOKENS = (IMAGE_SIZE // PATCH_SIZE) ** 2  # 16 understanding tokens (4x4 patches of 16 px)
 
 
 def build_tokenizer(words: Sequence[str]) -> PreTrainedTokenizerFast:
@@ -86,7 +87,7 @@ def build_tiny_janus(tokenizer: PreTrainedTokenizerFast, *, codebook_size: int =
         num_hidden_layers=2,
         num_attention_heads=4,
         image_size=IMAGE_SIZE,
-        patch_size=8,
+        patch_size=PATCH_SIZE,
         projection_dim=128,
         depth=2,
         num_image_tokens=NUM_IMAGE_TOKENS,

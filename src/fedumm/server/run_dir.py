@@ -93,6 +93,20 @@ class RunDir:
     def write_summary(self, summary: Mapping) -> Path:
         return atomic_write_json(self.path / "summary.json", dict(summary))
 
+    def read_summary(self) -> dict:
+        path = self.path / "summary.json"
+        if not path.is_file():
+            return {}
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise CheckpointError(f"{path}: not valid JSON ({exc})") from None
+
+    def truncate_rounds(self, last_round: int) -> None:
+        """Keep metrics.jsonl lines of rounds <= last_round (drops rounds whose checkpoint is unusable)."""
+        keep = [r for r in self.read_rounds() if r.get("round", 0) <= last_round]
+        atomic_write_text(self.metrics, "".join(json.dumps(r) + "\n" for r in keep))
+
     def read_rounds(self) -> list[dict]:
         if not self.metrics.exists():
             return []

@@ -1,1 +1,45 @@
-"""fedumm.engines.nvflare."""
+"""NVIDIA FLARE engines: the federation as a FLARE job (simulator, POC, or exported for production).
+
+Importing this package does not import FLARE; the functions below do (through one guard that
+raises EngineError with the install hint when the ``nvflare`` extra is missing).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+    from fedumm.config import Config
+    from fedumm.progress import Progress
+    from fedumm.server.run_dir import RunDir
+    from fedumm.types import AdapterState, RoundRecord
+
+__all__ = ["run_nvflare", "export_job"]
+
+
+def run_nvflare(
+    cfg: Config,
+    run: RunDir,
+    *,
+    initial_state: AdapterState,
+    evaluate: Callable[[AdapterState, int], Mapping[str, float]] | None = None,
+    on_round: Callable[[RoundRecord, AdapterState], None] | None = None,
+    progress: Progress | None = None,
+) -> dict[str, torch.Tensor]:
+    """Run the federation on FLARE's simulator or a local POC; see :mod:`.runner`."""
+    from fedumm.engines.nvflare.runner import run_nvflare as _run
+
+    return _run(
+        cfg, run, initial_state=initial_state, evaluate=evaluate, on_round=on_round, progress=progress
+    )
+
+
+def export_job(cfg: Config, out_dir: str | Path, *, initial_state: AdapterState | None = None) -> Path:
+    """Write a FLARE job folder for ``nvflare job submit``; see :func:`.job.export_job`."""
+    from fedumm.engines.nvflare.job import export_job as _export
+
+    return _export(cfg, out_dir, initial_state=initial_state)

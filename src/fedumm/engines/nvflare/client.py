@@ -1,0 +1,165 @@
+"""Client side of the FLARE job (Client API): the same local training as every other engine.
+
+Run through the thin script ``fedumm_client.py`` that the job ships in ``custom/``. Per received
+global adapter it calls :func:`fedumm.client.train.run_client_round` and sends back the full adapter
+state with ``num_examples`` (and ``group_examples``) in the meta and the local metrics.
+
+Per-site settings (a site's data and backbone live on that site) come from the environment of the
+FLARE client process, applied on top of the config shipped in the job:
+
+- ``FEDUMM_DATA_PATH``: this site's dataset directory (``data.path``)
+- ``FEDUMM_MODEL_PATH``: this site's local copy of the backbone checkpoint (``model.path``)
+- ``FEDUMM_SITE_OVERRIDES``: a file of ``key=value`` lines, the same syntax as ``--set``
+  (e.g. ``model.device=cuda``); blank lines and ``#`` comments are ignored
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from fedumm.config import Config, load_config
+from fedumm.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "main",
+    "site_overrides",
+    "load_site_config",
+    "ENV_DATA_PATH",
+    "ENV_MODEL_PATH",
+    "ENV_SITE_OVERRIDES",
+]
+
+ENV_DATA_PATH = "FEDUMM_DATA_PATH"
+ENV_MODEL_PATH = "FEDUMM_MODEL_PATH"
+ENV_SITE_OVERRIDES = "FEDUMM_SITE_OVERRIDES"
+
+
+def site_overrides(environ: os._Environ | dict | None = None) -> list[str]:
+    """The ``--set``-style overrides this site's environment asks for."""
+    env = os.environ if environ is None else environ
+    out: list[str] = []
+    if env.get(ENV_DATA_PATH):
+        out.append(f"data.path={env[ENV_DATA_PATH]}")
+    if env.get(ENV_MODEL_PATH):
+        out.append(f"model.path={env[ENV_MODEL_PATH]}")
+    if env.get(ENV_SITE_OVERRIDES):
+        p = Path(env[ENV_SITE_OVERRIDES])
+        try:
+            lines = p.read_text(encoding="utf-8").splitlines()
+        except OSError as exc:
+            raise ConfigError(f"{ENV_SITE_OVERRIDES}={p}: cannot read ({exc})") from None
+        out.extend(s for line in lines if (s := line.strip()) and not s.startswith("#"))
+    return out
+
+
+def load_site_config(config_path: str | Path, environ: os._Environ | dict | None = None) -> Config:
+    """The shipped config with this site's overrides applied."""
+    return load_config(config_path, site_overrides(environ))
+
+
+def _load_site(cfg: Config, partition: str | None, site: str):
+    """(family, train samples, local validation samples) of this site."""
+    from fedumm.experiment import build_family, load_client, load_data
+
+    if partition:  # simulation/POC: the run's partition says which examples are this site's
+        return load_client(cfg, partition, site)
+    # production: every example of the site's own training split is its data
+    from fedumm.client.train import split_local_val
+    from fedumm.seeding import derive_seed
+
+    data = load_data(cfg, eval_splits=False)
+    train, val = split_local_val(
+        data.train, cfg.train.local_val_fraction, derive_seed(cfg.seed, "local-val", site)
+    )
+    family, _ = build_family(cfg)
+    return family, train, val
+
+
+def _resolve(path: str, base: Path) -> str:
+    p = Path(path)
+    return str(p if p.is_absolute() else base / p)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description="fedumm FLARE client (Client API)")
+    ap.add_argument("--config", required=True, help="resolved fedumm config (relative: beside the script)")
+    ap.add_argument("--partition", default=None, help="partition.json (simulation/POC only)")
+    return ap.parse_args(list(argv) if argv is not None else None)
+
+
+def main(argv: Sequence[str] | None = None, *, script_dir: str | Path | None = None) -> None:
+    """Client loop: receive the global adapter, train one round, send the update, until the job ends."""
+    from fedumm.engines.nvflare._flare import FLModel, ParamsType, flare_client
+    from fedumm.engines.nvflare.controller import ERROR_KEY
+
+    args = parse_args(argv)
+    base = Path(script_dir) if script_dir else Path.cwd()
+    flare_client.init()
+    site = flare_client.get_site_name()
+    cfg = load_site_config(_resolve(args.config, base))
+    partition = _resolve(args.partition, base) if args.partition else None
+    load_error = None
+    try:
+        family, train, val = _load_site(cfg, partition, site)
+    except Exception as exc:  # reported with every task, so the server log says why this site drops out
+        log.exception("%s: cannot load the model or data", site)
+        load_error = f"{site} cannot load its model or data: {type(exc).__name__}: {exc}"
+
+    from fedumm.client.train import run_client_round
+    from fedumm.experiment import train_spec
+
+    spec = train_spec(cfg)
+    log.info("%s: ready", site)
+    while flare_client.is_running():
+        received = flare_client.receive()
+        if received is None:
+            break
+        rnd = int(received.current_round)
+        if load_error:
+            flare_client.send(
+                FLModel(
+                    params_type=ParamsType.FULL, params={}, meta={ERROR_KEY: load_error}, current_round=rnd
+                )
+            )
+            continue
+        try:
+            update = run_client_round(
+                family,
+                client_id=site,
+                global_state=received.params,
+                train_samples=train,
+                val_samples=val,
+                spec=spec,
+                base_seed=cfg.seed,
+                rnd=rnd,
+            )
+        except Exception as exc:  # this round is lost for this site; the next one may work
+            log.exception("%s: round %d failed", site, rnd)
+            flare_client.send(
+                FLModel(
+                    params_type=ParamsType.FULL,
+                    params={},
+                    meta={ERROR_KEY: f"round {rnd}: {type(exc).__name__}: {exc}"},
+                    current_round=rnd,
+                )
+            )
+            continue
+        meta: dict = {"num_examples": update.num_examples}
+        if update.group_examples is not None:
+            meta["group_examples"] = {str(k): int(v) for k, v in update.group_examples.items()}
+        flare_client.send(
+            FLModel(
+                params_type=ParamsType.FULL,
+                params={k: v.detach().cpu().contiguous() for k, v in update.state.items()},
+                meta=meta,
+                metrics={k: float(v) for k, v in update.metrics.items()},
+                current_round=rnd,
+            )
+        )
+        log.info("%s: round %d sent (%d examples)", site, rnd, update.num_examples)

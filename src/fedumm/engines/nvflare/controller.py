@@ -1,0 +1,216 @@
+"""Server side of the FLARE job: a ModelController that runs fedumm's RoundLoop.
+
+The controller never builds the backbone: it loads the resolved config, the initial adapter and the
+key -> adapter-group map shipped in the job, and runs :class:`fedumm.server.rounds.RoundLoop` with an
+engine whose ``run_round`` is one FLARE broadcast. Each round's record and global adapter go to a
+results folder (see :mod:`fedumm.engines.nvflare.results`); global evaluation happens elsewhere.
+
+Constructor arguments are written into ``config_fed_server.json`` by FedJob, so they are JSON builtins
+stored under their own names.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from collections.abc import Sequence
+
+from fedumm.config import Config, load_config
+from fedumm.engines.nvflare._flare import (
+    FLModel,
+    ModelController,
+    ParamsType,
+    fobs_nbytes,
+    register_tensor_decomposer,
+)
+from fedumm.engines.nvflare.results import ResultsWriter
+from fedumm.errors import EngineError
+from fedumm.fl.strategies import make_strategy
+from fedumm.io import read_safetensors
+from fedumm.server.rounds import RoundLoop, RoundOutcome
+from fedumm.types import AdapterState, ClientUpdate, RoundRecord
+
+log = logging.getLogger(__name__)
+
+__all__ = ["FedummController", "FlareRoundEngine", "TASK_NAME", "ERROR_KEY", "RESULTS_SUBDIR"]
+
+TASK_NAME = "train"
+ERROR_KEY = "fedumm_error"  # meta key of a client that could not train this round
+RESULTS_SUBDIR = "fedumm"  # default results folder inside the server's run directory
+_FLARE_META = ("client_name", "props")  # meta keys the controller adds to results on arrival
+
+
+def _flmodel_nbytes(model: FLModel) -> int:
+    """Bytes of what the client sent: its FLModel without the meta the controller added on arrival."""
+    meta = {k: v for k, v in (model.meta or {}).items() if k not in _FLARE_META}
+    sent = FLModel(
+        params_type=model.params_type,
+        params=model.params,
+        metrics=model.metrics,
+        meta=meta,
+        current_round=model.current_round,
+        total_rounds=model.total_rounds,
+    )
+    return fobs_nbytes(sent)
+
+
+class FlareRoundEngine:
+    """fedumm Engine: one round = one FLARE broadcast to the sampled clients."""
+
+    def __init__(self, controller: FedummController, cfg: Config) -> None:
+        self.controller = controller
+        self.cfg = cfg
+        self.timeout = max(1, math.ceil(cfg.nvflare.round_timeout_s))
+        self.last_errors: dict[str, str] = {}
+
+    def run_round(self, rnd: int, clients: Sequence[str], global_state: AdapterState) -> RoundOutcome:
+        ctl = self.controller
+        if ctl.abort_signal is not None and ctl.abort_signal.triggered:
+            raise EngineError(f"round {rnd}: the FLARE job was aborted")
+        model = FLModel(
+            params_type=ParamsType.FULL,
+            params={k: v.detach().cpu().contiguous() for k, v in global_state.items()},
+            current_round=rnd,
+            total_rounds=self.cfg.federation.rounds,
+            meta={"fedumm_round": rnd},
+        )
+        down = fobs_nbytes(model)
+        targets = list(clients)
+        # Wait for every sampled client until the timeout (min_responses reached early does not end
+        # the round: the in-process engine also aggregates every sampled client that answers).
+        results = ctl.broadcast_model(
+            data=model,
+            task_name=TASK_NAME,
+            targets=targets,
+            min_responses=min(self.cfg.federation.min_clients, len(targets)),
+            timeout=self.timeout,
+            wait_time_after_min_received=self.timeout,
+        )
+        if ctl.abort_signal is not None and ctl.abort_signal.triggered:
+            raise EngineError(f"round {rnd}: the FLARE job was aborted")
+        updates: list[ClientUpdate] = []
+        bytes_up: dict[str, int] = {}
+        bytes_down: dict[str, int] = {}
+        seen: set[str] = set()
+        dropped: list[str] = []
+        for r in results:
+            meta = dict(r.meta or {})
+            name = meta.get("client_name")
+            if name not in targets or name in seen:
+                log.warning("round %d: ignoring a result from %r (not sampled or duplicate)", rnd, name)
+                continue
+            seen.add(name)
+            bytes_down[name] = down
+            bytes_up[name] = _flmodel_nbytes(r)
+            if meta.get(ERROR_KEY):
+                self.last_errors[name] = str(meta[ERROR_KEY])
+                log.warning("round %d: %s could not train: %s", rnd, name, meta[ERROR_KEY])
+                dropped.append(name)
+                continue
+            updates.append(self._to_update(rnd, name, r, global_state))
+        for name in targets:
+            if name not in seen:
+                log.warning(
+                    "round %d: no result from %s within %d s (failed or timed out)", rnd, name, self.timeout
+                )
+                dropped.append(name)
+        return RoundOutcome(
+            updates=updates,
+            bytes_up=dict(sorted(bytes_up.items())),
+            bytes_down=dict(sorted(bytes_down.items())),
+            dropped=tuple(dropped),
+        )
+
+    @staticmethod
+    def _to_update(rnd: int, name: str, r: FLModel, global_state: AdapterState) -> ClientUpdate:
+        """As sent; whatever is malformed is left for RoundLoop's validate_update to reject."""
+        meta = dict(r.meta or {})
+        params = r.params if isinstance(r.params, dict) else {}
+        if r.params_type == ParamsType.DIFF:
+            try:
+                params = {k: global_state[k] + v for k, v in params.items()}
+            except Exception as exc:  # keys or shapes do not match: rejected below
+                log.warning("round %d: %s sent a DIFF that does not apply (%s)", rnd, name, exc)
+                params = {}
+        return ClientUpdate(
+            client_id=name,  # the authenticated FLARE site name, not a name the client claims
+            state=params,
+            num_examples=meta.get("num_examples"),  # type: ignore[arg-type]
+            metrics=dict(r.metrics or {}),
+            group_examples=meta.get("group_examples"),
+        )
+
+
+class FedummController(ModelController):
+    """Runs fedumm's RoundLoop on the FLARE server.
+
+    Args:
+        config_file: the resolved fedumm config (YAML); relative paths are inside the app's custom/.
+        initial_adapter: safetensors file of the initial global adapter (same rule).
+        groups_file: JSON map adapter key -> adapter group (per-modality aggregation; same rule).
+        results_dir: where round results go; "" = ``<server run dir>/fedumm`` (downloaded with the job).
+        clients: the clients to federate over; empty = the clients connected when the job starts.
+    """
+
+    def __init__(
+        self,
+        config_file: str = "fedumm_config.yaml",
+        initial_adapter: str = "fedumm_initial_adapter.safetensors",
+        groups_file: str = "fedumm_groups.json",
+        results_dir: str = "",
+        clients: list | None = None,
+    ) -> None:
+        super().__init__(persistor_id="", ignore_result_error=True)
+        self.config_file = config_file
+        self.initial_adapter = initial_adapter
+        self.groups_file = groups_file
+        self.results_dir = results_dir
+        self.clients = list(clients) if clients else None
+
+    def _resolve(self, path: str) -> str:
+        return path if os.path.isabs(path) else os.path.join(self.get_app_dir(), "custom", path)
+
+    def run(self) -> None:
+        register_tensor_decomposer()
+        results = ResultsWriter(self.results_dir or os.path.join(self.get_run_dir(), RESULTS_SUBDIR))
+        engine: FlareRoundEngine | None = None
+        try:
+            cfg = load_config(self._resolve(self.config_file))
+            initial = read_safetensors(self._resolve(self.initial_adapter))
+            with open(self._resolve(self.groups_file), encoding="utf-8") as f:
+                groups: dict[str, str] = json.load(f)
+            clients = sorted(self.clients or []) or sorted(c.name for c in self.engine.get_clients())
+            if not clients:
+                raise EngineError("no FLARE clients to federate over")
+            fed = cfg.federation
+            strategy = make_strategy(fed.strategy, **fed.strategy_params)
+            engine = FlareRoundEngine(self, cfg)
+            results.started(clients, rounds=fed.rounds)
+            self.info(f"fedumm: {fed.rounds} rounds of {fed.strategy} over {', '.join(clients)}")
+
+            def on_round(record: RoundRecord, state: AdapterState) -> None:
+                results.round(record, state, strategy.state_dict())
+                self.info(f"fedumm: round {record.round} aggregated from {', '.join(record.clients)}")
+
+            loop = RoundLoop(
+                engine=engine,
+                strategy=strategy,
+                clients=clients,
+                num_rounds=fed.rounds,
+                seed=cfg.seed,
+                sample_fraction=fed.sample_fraction,
+                min_clients=fed.min_clients,
+                group_of=lambda key: groups.get(key, "other"),
+                evaluate=None,
+                on_round=on_round,
+            )
+            loop.run(initial)
+            results.done(fed.rounds)
+        except Exception as exc:
+            if engine is not None and engine.last_errors and isinstance(exc, EngineError):
+                detail = "; ".join(f"{k}: {v}" for k, v in sorted(engine.last_errors.items()))
+                exc = EngineError(f"{exc}; client errors: {detail}")
+            results.error(exc)
+            self.panic(f"fedumm server loop failed: {type(exc).__name__}: {exc}")

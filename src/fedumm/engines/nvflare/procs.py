@@ -1,0 +1,187 @@
+"""Processes a FLARE run starts, and stopping every one of them (also on errors and Ctrl-C).
+
+FLARE starts its job processes and external trainers in sessions of their own (``setsid``), so a
+process group does not hold them all. Every process started here gets its own process group and
+an environment tag (``FEDUMM_NVFLARE_RUN``) that its descendants inherit; stopping sends SIGTERM to
+the groups and to every tagged or descendant process, waits a grace period, sends SIGKILL to what is
+left and returns whatever still survives (normally nothing).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import subprocess
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import psutil
+
+from fedumm.errors import EngineError
+
+log = logging.getLogger(__name__)
+
+__all__ = ["TAG_ENV", "ProcessSet", "check_ports_free", "describe"]
+
+TAG_ENV = "FEDUMM_NVFLARE_RUN"
+
+
+def describe(p: psutil.Process) -> str:
+    try:
+        return f"{p.pid} ({' '.join(p.cmdline())[:160]})"
+    except psutil.Error:
+        return str(p.pid)
+
+
+class ProcessSet:
+    """What one run started: its Popen objects, their descendants and everything carrying its tag."""
+
+    def __init__(self) -> None:
+        self.tag = uuid.uuid4().hex
+        self.popens: list[subprocess.Popen] = []
+        self._seen: dict[int, float] = {}  # pid -> create_time (guards against pid reuse)
+        self._logs: list = []
+
+    def env(self, base: Mapping[str, str] | None = None, **extra: str) -> dict[str, str]:
+        env = dict(os.environ if base is None else base)
+        env.update(extra)
+        env[TAG_ENV] = self.tag
+        return env
+
+    def spawn(
+        self,
+        cmd: Sequence[str],
+        *,
+        env: Mapping[str, str],
+        cwd: str | Path | None = None,
+        log_path: str | Path | None = None,
+    ) -> subprocess.Popen:
+        """Start ``cmd`` in a new session (its own process group), output to ``log_path`` or inherited."""
+        out = None
+        if log_path is not None:
+            Path(log_path).parent.mkdir(parents=True, exist_ok=True)
+            out = open(log_path, "ab")  # noqa: SIM115 - closed in stop()
+            self._logs.append(out)
+        env = dict(env)
+        env[TAG_ENV] = self.tag
+        p = subprocess.Popen(
+            list(cmd),
+            cwd=cwd,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT if out is not None else None,
+            start_new_session=True,
+        )
+        self.popens.append(p)
+        self._remember(p.pid)
+        log.debug("started %s: %s", p.pid, " ".join(cmd))
+        return p
+
+    def _remember(self, pid: int) -> None:
+        try:
+            self._seen[pid] = psutil.Process(pid).create_time()
+        except psutil.Error:
+            pass
+
+    def snapshot(self) -> None:
+        """Remember every current descendant (call while the run goes on)."""
+        for p in self.popens:
+            try:
+                for c in psutil.Process(p.pid).children(recursive=True):
+                    if c.pid not in self._seen:
+                        self._remember(c.pid)
+            except psutil.Error:
+                continue
+
+    def alive(self) -> list[psutil.Process]:
+        """Live processes of this run: remembered ones, their descendants and tagged ones."""
+        self.snapshot()
+        found: dict[int, psutil.Process] = {}
+        for pid, ctime in list(self._seen.items()):
+            try:
+                proc = psutil.Process(pid)
+                if abs(proc.create_time() - ctime) < 1e-3 and proc.status() != psutil.STATUS_ZOMBIE:
+                    found[pid] = proc
+            except psutil.Error:
+                continue
+        me = os.getpid()
+        uid = os.getuid()
+        for proc in psutil.process_iter(["pid", "uids"]):
+            try:
+                if proc.pid == me or proc.pid in found or proc.info["uids"].real != uid:
+                    continue
+                if proc.environ().get(TAG_ENV) == self.tag and proc.status() != psutil.STATUS_ZOMBIE:
+                    found[proc.pid] = proc
+            except psutil.Error:
+                continue
+        return list(found.values())
+
+    def wait_all_exit(self, timeout: float) -> list[psutil.Process]:
+        """Wait until nothing of this run is alive (or ``timeout``); return what still lives."""
+        deadline = time.monotonic() + timeout
+        while True:
+            self._reap()
+            left = self.alive()
+            if not left or time.monotonic() >= deadline:
+                return left
+            time.sleep(0.3)
+
+    def _reap(self) -> None:
+        for p in self.popens:
+            p.poll()
+
+    def stop(self, grace: float = 10.0) -> list[str]:
+        """SIGTERM everything, SIGKILL after ``grace`` seconds; return descriptions of survivors."""
+        for p in self.popens:
+            if p.poll() is None:
+                try:
+                    os.killpg(p.pid, signal.SIGTERM)
+                except (ProcessLookupError, PermissionError):
+                    pass
+        procs = self.alive()
+        for proc in procs:
+            try:
+                proc.terminate()
+            except psutil.Error:
+                pass
+        left = self.wait_all_exit(grace) if procs else []
+        if left:
+            log.warning("killing %d FLARE process(es) that ignored SIGTERM for %.0f s", len(left), grace)
+            for p in self.popens:
+                try:
+                    os.killpg(p.pid, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass
+            for proc in left:
+                try:
+                    proc.kill()
+                except psutil.Error:
+                    pass
+            left = self.wait_all_exit(5.0)
+        for p in self.popens:
+            try:
+                p.wait(timeout=1.0)
+            except subprocess.TimeoutExpired:
+                pass
+        for f in self._logs:
+            f.close()
+        self._logs.clear()
+        return [describe(p) for p in left]
+
+
+def check_ports_free(ports: Mapping[str, int]) -> None:
+    """Refuse to start when a port the server will listen on (all interfaces) is taken."""
+    for name, port in ports.items():
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind(("", port))
+            except OSError as exc:
+                raise EngineError(
+                    f"port {port} ({name}) is not free ({exc.strerror}); set {name} to a free port"
+                ) from None

@@ -1,0 +1,167 @@
+"""run_nvflare: run the federation as a FLARE job (simulator or POC) and follow it from this process.
+
+The launching process owns the backbone: it builds the job, starts FLARE, then polls the results
+folder the server writes. For every finished round it evaluates the global adapter, rebuilds the
+round's record with those metrics and hands it to ``on_round``, so the run directory, progress and
+Ctrl-C behave as with the in-process engine. Every process FLARE started is stopped on the way out,
+whatever the way out is.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import sys
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import torch
+
+from fedumm.config import Config
+from fedumm.data.partition import load_partition
+from fedumm.engines.nvflare.job import build_job, group_map
+from fedumm.engines.nvflare.procs import ProcessSet
+from fedumm.engines.nvflare.results import ResultsReader, record_from_json
+from fedumm.errors import EngineError
+from fedumm.progress import NullProgress, Progress
+from fedumm.server.run_dir import RunDir
+from fedumm.types import AdapterState, RoundRecord
+
+log = logging.getLogger(__name__)
+
+__all__ = ["run_nvflare", "workspace_of"]
+
+POLL_S = 0.25
+EXIT_GRACE_S = 60.0  # how long FLARE may take to wind down after the last round
+
+
+def workspace_of(cfg: Config, run: RunDir) -> Path:
+    return Path(cfg.nvflare.workspace or run.path / "nvflare").resolve()
+
+
+def run_nvflare(
+    cfg: Config,
+    run: RunDir,
+    *,
+    initial_state: AdapterState,
+    evaluate: Callable[[AdapterState, int], Mapping[str, float]] | None = None,
+    on_round: Callable[[RoundRecord, AdapterState], None] | None = None,
+    progress: Progress | None = None,
+) -> dict[str, torch.Tensor]:
+    """Run ``cfg.federation`` on FLARE (``cfg.engine`` nvflare-sim or nvflare-poc); return the final
+    global adapter. ``run`` must already hold config.yaml and partition.json."""
+    if cfg.engine not in ("nvflare-sim", "nvflare-poc"):
+        raise EngineError(f"run_nvflare: engine must be nvflare-sim or nvflare-poc, got {cfg.engine!r}")
+    progress = progress or NullProgress()
+    config_file = (run.path / "config.yaml").resolve()
+    partition_file = (run.path / "partition.json").resolve()
+    for p in (config_file, partition_file):
+        if not p.is_file():
+            raise EngineError(f"{p} is missing: run_nvflare needs the run directory's config and partition")
+    clients = sorted(load_partition(partition_file).clients)
+    workspace = workspace_of(cfg, run)
+    results_dir = workspace / "results"
+    if results_dir.exists():
+        shutil.rmtree(results_dir)
+    results_dir.mkdir(parents=True)
+
+    job_dir = build_job(
+        cfg,
+        workspace / "job",
+        initial_state=initial_state,
+        groups=group_map(cfg, list(initial_state)),
+        client_args=["--config", str(config_file), "--partition", str(partition_file)],
+        results_dir=str(results_dir),
+        clients=clients,
+        python=sys.executable,
+    )
+    procs = ProcessSet()
+    if cfg.engine == "nvflare-sim":
+        from fedumm.engines.nvflare.sim import SimBackend
+
+        backend = SimBackend(workspace=workspace, clients=clients, procs=procs, quiet=cfg.nvflare.quiet)
+    else:
+        from fedumm.engines.nvflare.poc import PocBackend
+
+        backend = PocBackend(cfg=cfg, workspace=workspace, clients=clients, procs=procs)
+
+    rounds = cfg.federation.rounds
+    progress.start("nvflare", f"{cfg.engine}: starting {len(clients)} clients", rounds)
+    t0 = time.perf_counter()
+    try:
+        backend.start(job_dir)
+        log.info("%s: job submitted after %.1f s", cfg.engine, time.perf_counter() - t0)
+        state = _follow(
+            cfg, backend, ResultsReader(results_dir), dict(initial_state), evaluate, on_round, progress
+        )
+        backend.finish(EXIT_GRACE_S)
+    finally:
+        survivors = backend.stop()
+        progress.finish("nvflare")
+        if survivors:  # never silently: these would hold ports and memory
+            msg = f"{cfg.engine}: {len(survivors)} FLARE process(es) survived SIGKILL: {'; '.join(survivors)}"
+            if sys.exc_info()[0] is None:
+                raise EngineError(msg)
+            log.error(msg)
+    log.info("%s: %d rounds in %.1f s", cfg.engine, rounds, time.perf_counter() - t0)
+    return state
+
+
+def _follow(
+    cfg: Config,
+    backend,
+    reader: ResultsReader,
+    state: dict[str, torch.Tensor],
+    evaluate,
+    on_round,
+    progress: Progress,
+) -> dict[str, torch.Tensor]:
+    """Poll the results folder until the last round (or an error, a dead FLARE, no progress)."""
+    nv = cfg.nvflare
+    rounds = cfg.federation.rounds
+    rnd = 1
+    # the server times rounds out itself; these limits only catch a FLARE that hangs or never starts
+    limit = nv.start_timeout_s + nv.round_timeout_s + EXIT_GRACE_S
+    last = time.monotonic()
+    while True:
+        err = reader.error()
+        if err is not None:
+            raise EngineError(f"{cfg.engine}: {err['message']}")
+        got = reader.next_round(rnd)
+        if got is not None:
+            t_eval = time.perf_counter()
+            metrics = dict(evaluate(got.state, rnd)) if evaluate else {}
+            record = record_from_json(
+                got.record, global_metrics=metrics, extra_wall_s=time.perf_counter() - t_eval
+            )
+            if on_round:
+                on_round(record, got.state)
+            state = got.state
+            progress.update("nvflare", rnd, description=f"{cfg.engine}: round {rnd}/{rounds} done")
+            rnd += 1
+            last = time.monotonic()
+            limit = nv.round_timeout_s + EXIT_GRACE_S
+            continue
+        if rnd > rounds:
+            if reader.done() is not None:
+                return state
+        failure = backend.failure()
+        if failure is not None or backend.ended():
+            # the server may have written its last files just before the end: look once more
+            if (
+                reader.error() is None
+                and reader.next_round(rnd) is None
+                and not (rnd > rounds and reader.done())
+            ):
+                why = failure or "FLARE ended"
+                raise EngineError(
+                    f"{cfg.engine}: {why} before round {min(rnd, rounds)} was reported; {backend.logs_hint()}"
+                )
+            continue
+        if time.monotonic() - last > limit:
+            what = "start" if rnd == 1 else f"report round {rnd}"
+            raise EngineError(
+                f"{cfg.engine}: FLARE did not {what} within {limit:.0f} s; {backend.logs_hint()}"
+            )
+        time.sleep(POLL_S)

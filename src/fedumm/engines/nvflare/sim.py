@@ -1,0 +1,100 @@
+"""The FLARE simulator as a backend: one ``simulator`` process (server in it, one process per client)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from fedumm.engines.nvflare.procs import ProcessSet
+
+log = logging.getLogger(__name__)
+
+__all__ = ["SimBackend", "quiet_log_config"]
+
+
+def quiet_log_config(path: Path) -> Path:
+    """FLARE's default log config with the console at WARNING (the log files keep INFO)."""
+    from fedumm.engines.nvflare._flare import log_utils
+
+    src = Path(log_utils.__file__).with_name("log_config.json")
+    cfg = json.loads(src.read_text(encoding="utf-8"))
+    cfg["handlers"]["consoleHandler"]["level"] = "WARNING"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(cfg, indent=1), encoding="utf-8")
+    return path
+
+
+class SimBackend:
+    """``python -m nvflare.private.fed.app.simulator.simulator JOB -w WS -c CLIENTS -t K``."""
+
+    name = "nvflare-sim"
+
+    def __init__(self, *, workspace: Path, clients: Sequence[str], procs: ProcessSet, quiet: bool) -> None:
+        self.workspace = workspace
+        self.sim_ws = workspace / "sim"
+        self.clients = list(clients)
+        self.procs = procs
+        self.quiet = quiet
+        self.proc: subprocess.Popen | None = None
+        self.console_log = workspace / "sim_console.log"
+
+    def logs_hint(self) -> str:
+        return f"logs: {self.sim_ws}/server/log.txt, {self.sim_ws}/<site>/log.txt, {self.console_log}"
+
+    def start(self, job_dir: Path) -> None:
+        if self.sim_ws.exists():
+            shutil.rmtree(self.sim_ws)
+        cmd = [
+            sys.executable,
+            "-m",
+            "nvflare.private.fed.app.simulator.simulator",
+            str(job_dir),
+            "-w",
+            str(self.sim_ws),
+            "-c",
+            ",".join(self.clients),
+            "-t",
+            str(len(self.clients)),  # every client at once: each keeps its trainer for the whole job
+        ]
+        if self.quiet:
+            cmd += ["-l", str(quiet_log_config(self.workspace / "log_config.json"))]
+        env = self.procs.env(MPLCONFIGDIR=str(self.workspace / "mpl"))
+        self.proc = self.procs.spawn(
+            cmd, env=env, cwd=self.workspace, log_path=self.console_log if self.quiet else None
+        )
+        log.info("FLARE simulator started (pid %d), workspace %s", self.proc.pid, self.sim_ws)
+
+    def failure(self) -> str | None:
+        """None while the simulator runs or after a clean exit; a message once it failed."""
+        self.procs.snapshot()
+        if self.proc is None:
+            return None
+        rc = self.proc.poll()
+        if rc is None or rc == 0:
+            return None
+        return f"the FLARE simulator exited with code {rc}"
+
+    def ended(self) -> bool:
+        return self.proc is not None and self.proc.poll() is not None
+
+    def finish(self, timeout: float) -> None:
+        """After the last round: let the simulator shut down on its own."""
+        if self.proc is None:
+            return
+        try:
+            rc = self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            log.warning("the FLARE simulator did not exit %.0f s after the last round; stopping it", timeout)
+            return
+        if rc != 0:
+            log.warning(
+                "the FLARE simulator exited with code %d after the last round (%s)", rc, self.logs_hint()
+            )
+
+    def stop(self) -> list[str]:
+        return self.procs.stop()

@@ -1,0 +1,135 @@
+"""A whole 2-client, 2-round federation in process: outputs, ledger, golden numbers, resume."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from peft import PeftModel
+from safetensors.torch import load_file
+
+from fedumm.config import load_config
+from fedumm.errors import CheckpointError
+from fedumm.experiment import resume_experiment, run_experiment
+from fedumm.progress import NullProgress
+from fedumm.server.run_dir import RunDir
+
+pytestmark = pytest.mark.integration
+
+
+class InterruptAfterRound(NullProgress):
+    """Simulates Ctrl-C right after a given round has been recorded."""
+
+    def __init__(self, rnd: int) -> None:
+        self.rnd = rnd
+
+    def update(self, key, completed, description=None):
+        if key == "rounds" and completed == self.rnd:
+            raise KeyboardInterrupt
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, tiny_world, tiny_checkpoint):
+    tree = {
+        "name": "tiny",
+        "seed": 0,
+        "data": {"path": str(tiny_world)},
+        "model": {"path": str(tiny_checkpoint)},
+        "lora": {"rank": 4, "alpha": 8},
+        "train": {"batch_size": 8, "lr": 0.005, "eval_batch_size": 32},
+        "federation": {"clients": 2, "alpha": 0.5, "min_partition_size": 8, "rounds": 2},
+    }
+    out = tmp_path_factory.mktemp("run")
+    summary = run_experiment(load_config(None, tree=tree), out)
+    return tree, out, summary
+
+
+def test_run_directory_contents(finished_run):
+    _, out, summary = finished_run
+    for name in ("config.yaml", "metrics.jsonl", "partition.json", "partition.png", "accuracy_per_round.png",
+                 "summary.json", "global_adapter/adapter_model.safetensors", "global_adapter/adapter_config.json"):
+        assert (out / name).is_file(), name
+    assert summary["status"] == "finished"
+    for key in ("zero_shot", "centralized", "federated"):
+        assert 0 <= summary[key]["vqa_accuracy"] <= 100
+    rounds = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rounds] == [1, 2]
+    assert set(rounds[0]["client_metrics"]) == {"site-01", "site-02"}
+    assert json.loads((out / "summary.json").read_text()) == summary
+
+
+def test_ledger_counts_real_payloads(finished_run):
+    _, out, summary = finished_run
+    rounds = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    adapter = summary["adapter_payload_bytes"]
+    for r in rounds:
+        for cid in r["clients"]:
+            # down: the adapter payload plus a round tag in the header; up: plus id, counts, metrics
+            assert adapter < r["bytes_down"][cid] < adapter + 64
+            assert adapter < r["bytes_up"][cid] < adapter + 1024
+        assert r["bytes_up_total"] == sum(r["bytes_up"].values())
+    # 4 layers x q,k,v,o x rank 4 x (128 + 128) = 16384 fp32 params = 65536 bytes of tensor data
+    assert summary["adapter_params"] == 16384
+    assert summary["full_model_bytes"] > 20 * adapter
+
+
+def test_global_adapter_loads_with_peft_and_matches_checkpoint(finished_run, tiny_checkpoint):
+    _, out, _ = finished_run
+    from transformers import JanusForConditionalGeneration
+
+    base = JanusForConditionalGeneration.from_pretrained(tiny_checkpoint)
+    model = PeftModel.from_pretrained(base, out / "global_adapter")
+    from fedumm.models.lora_state import get_adapter_state
+
+    loaded = get_adapter_state(model)
+    ckpt = load_file(str(out / "checkpoint" / "round-0002.safetensors"))
+    assert set(loaded) == set(ckpt)
+    assert all(torch.equal(loaded[k], ckpt[k]) for k in ckpt)
+    assert any(float(v.abs().sum()) > 0 for k, v in ckpt.items() if "lora_B" in k)  # it trained
+
+
+def test_golden_numbers(finished_run):
+    """Same seed, same machine class -> the same numbers (guards unintended changes in the loop)."""
+    _, out, summary = finished_run
+    ckpt = load_file(str(out / "checkpoint" / "round-0002.safetensors"))
+    checksum = sum(float(v.double().abs().sum()) for v in ckpt.values())
+    assert checksum == pytest.approx(GOLDEN["checksum"], rel=1e-4)
+    assert summary["zero_shot"]["vqa_accuracy"] == pytest.approx(GOLDEN["zero_shot"], abs=0.01)
+    assert summary["federated"]["vqa_accuracy"] == pytest.approx(GOLDEN["federated"], abs=1.0)
+
+
+GOLDEN = {"checksum": 0.0, "zero_shot": 0.0, "federated": 0.0}
+
+
+def test_interrupted_then_resumed_is_bit_identical(finished_run, tmp_path):
+    tree, ref_out, _ = finished_run
+    out = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(load_config(None, tree=tree), out, progress=InterruptAfterRound(1))
+    partial = json.loads((out / "summary.json").read_text())
+    assert partial["status"] == "interrupted" and partial["rounds_completed"] == 1
+    assert (out / "checkpoint" / "round-0001.safetensors").is_file()
+    summary = resume_experiment(out)
+    assert summary["status"] == "finished"
+    a = load_file(str(out / "checkpoint" / "round-0002.safetensors"))
+    b = load_file(str(ref_out / "checkpoint" / "round-0002.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in b)
+    strip = lambda r: {k: v for k, v in r.items() if k != "wall_time_s"}  # noqa: E731
+    ra = [strip(json.loads(x)) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    rb = [strip(json.loads(x)) for x in (ref_out / "metrics.jsonl").read_text().splitlines()]
+    assert ra == rb
+
+
+def test_corrupt_latest_checkpoint_falls_back_to_previous(finished_run, tmp_path):
+    _, ref_out, _ = finished_run
+    import shutil
+
+    out = tmp_path / "copy"
+    shutil.copytree(ref_out, out)
+    (out / "checkpoint" / "round-0002.safetensors").write_bytes(b"\x00garbage")
+    rnd, state, _ = RunDir(out).load_checkpoint()
+    assert rnd == 1 and state
+    (out / "checkpoint" / "round-0001.safetensors").write_bytes(b"")
+    with pytest.raises(CheckpointError, match="no readable checkpoint"):
+        RunDir(out).load_checkpoint()
