@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/fedumm demo
+	$(VENV)/bin/fedumm run configs/demo.yaml --out runs/demo --overwrite
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -1,0 +1,76 @@
+"""The command line: clear one-line errors with exit code 2, eval vqa, partition, synth."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from fedumm.cli import app
+from fedumm.eval.vqa import evaluate_files
+
+pytestmark = pytest.mark.integration
+runner = CliRunner()
+
+
+def test_bad_config_is_one_line_exit_2(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("data: {path: d}\nfederation: {alpah: 0.5}\n")
+    res = runner.invoke(app, ["run", str(cfg), "--out", str(tmp_path / "o")])
+    assert res.exit_code == 2
+    assert "federation.alpah: unknown key (did you mean 'alpha'?)" in res.output
+    assert "Traceback" not in res.output
+    res = runner.invoke(app, ["run", str(cfg), "--out", str(tmp_path / "o"), "--set", "lora.rnak=3"])
+    assert res.exit_code == 2 and "did you mean 'rank'" in res.output
+
+
+def test_missing_data_dir_is_exit_2(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"data: {{path: {tmp_path / 'nowhere'}}}\n")
+    res = runner.invoke(app, ["run", str(cfg), "--out", str(tmp_path / "o")])
+    assert res.exit_code == 2 and "fedumm data synth" in res.output
+
+
+def test_eval_vqa_matches_library(tiny_world, tmp_path):
+    q = tiny_world / "v2_OpenEnded_mscoco_val_questions.json"
+    a = tiny_world / "v2_mscoco_val_annotations.json"
+    anns = json.loads(a.read_text())["annotations"]
+    # answer half right (the first annotator's raw answer), half wrong
+    results = [{"question_id": x["question_id"], "answer": x["answers"][0]["answer"] if i % 2 else "zebra"}
+               for i, x in enumerate(anns)]
+    r = tmp_path / "results.json"
+    r.write_text(json.dumps(results))
+    res = runner.invoke(app, ["eval", "vqa", "--questions", str(q), "--annotations", str(a), "--results", str(r)])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout)
+    assert set(out) == {"overall", "perAnswerType", "perQuestionType"}
+    assert out == evaluate_files(q, a, r)
+    assert 0 < out["overall"] < 100
+
+
+def test_eval_vqa_bad_results_exit_2(tiny_world, tmp_path):
+    r = tmp_path / "results.json"
+    r.write_text('[{"question_id": 1, "answer": "yes"}]')
+    res = runner.invoke(app, ["eval", "vqa", "--questions", str(tiny_world / "v2_OpenEnded_mscoco_val_questions.json"),
+                              "--annotations", str(tiny_world / "v2_mscoco_val_annotations.json"), "--results", str(r)])
+    assert res.exit_code == 2 and "error" in res.output
+
+
+def test_partition_command_writes_json_and_heatmap(tiny_world, tmp_path):
+    out = tmp_path / "p.json"
+    res = runner.invoke(app, ["partition", "--data", str(tiny_world), "--clients", "4", "--alpha", "0.5",
+                              "--seed", "1", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    data = json.loads(out.read_text())
+    ids = [q for c in data["clients"].values() for q in c["question_ids"]]
+    questions = json.loads((tiny_world / "v2_OpenEnded_mscoco_private_questions.json").read_text())["questions"]
+    assert sorted(ids) == sorted(q["question_id"] for q in questions)  # nothing lost or duplicated
+    assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_data_synth_command(tmp_path):
+    res = runner.invoke(app, ["data", "synth", "--out", str(tmp_path / "w"), "--images", "public=2",
+                              "--images", "private=2", "--images", "val=1", "--images", "test=1"])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "w" / "v2_mscoco_private_annotations.json").is_file()
