@@ -6,6 +6,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
+from fedumm.errors import InvalidUpdate
 from fedumm.fl.aggregate import DEFAULT_GROUP, split_by_group, weighted_mean
 from fedumm.registry import Registry
 from fedumm.types import AdapterState, ClientUpdate
@@ -50,6 +51,8 @@ class Strategy:
         group_of: Callable[[str], str] | None = None,
     ) -> dict[str, torch.Tensor]:
         """Return the new global state (a fresh dict of fresh tensors; inputs are not mutated)."""
+        if not updates:
+            raise InvalidUpdate(f"{self.name}: cannot aggregate zero client updates")
         new: dict[str, torch.Tensor] = {}
         for group, keys in split_by_group(list(global_state), group_of).items():
             weights = self.client_weights(updates, group)
