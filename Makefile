@@ -31,3 +31,9 @@ lint: $(STAMP)
 
 clean:
 	rm -rf $(VENV) runs build .pytest_cache
+
+world: $(STAMP)
+	$(VENV)/bin/fedumm data synth --out data/world
+
+pretrain: $(STAMP)
+	$(VENV)/bin/fedumm pretrain --data data/world

@@ -268,7 +268,13 @@ def run_experiment(
             from fedumm.engines.inprocess import InProcessEngine
 
             engine = InProcessEngine(
-                family=family, client_data=splits, spec=train_spec(cfg), seed=cfg.seed, progress=progress
+                family=family,
+                client_data=splits,
+                spec=train_spec(cfg),
+                seed=cfg.seed,
+                progress=progress,
+                proximal_mu=strategy.proximal_mu,
+                frozen_suffixes=strategy.frozen_suffixes,
             )
             loop = RoundLoop(
                 engine=engine,

@@ -11,7 +11,7 @@ import torch
 
 from fedumm.errors import ConfigError
 from fedumm.eval.vqa import accuracy_from_answers
-from fedumm.models.lora_state import get_adapter_state, set_adapter_state_
+from fedumm.models.lora_state import adapter_param_map, get_adapter_state, set_adapter_state_
 from fedumm.seeding import derive_seed
 from fedumm.types import AdapterState, ClientUpdate
 
@@ -48,12 +48,25 @@ def num_steps(n: int, spec: TrainSpec) -> int:
     return spec.epochs * math.ceil(batches / spec.grad_accum)
 
 
-def train_local(family, samples: Sequence, *, spec: TrainSpec, seed: int, progress: Progress | None = None) -> TrainResult:
-    """E epochs of AdamW with gradient accumulation over ``samples``, seeded shuffling; trains in place."""
+def train_local(
+    family,
+    samples: Sequence,
+    *,
+    spec: TrainSpec,
+    seed: int,
+    progress: Progress | None = None,
+    proximal_mu: float = 0.0,
+) -> TrainResult:
+    """E epochs of AdamW with gradient accumulation over ``samples``, seeded shuffling; trains in place.
+
+    ``proximal_mu`` > 0 adds FedProx's mu/2 * ||w - w_start||^2 over the trainable adapter weights,
+    anchored at the weights the call starts from (the global adapter).
+    """
     if not samples:
         raise ConfigError("train_local: no training samples")
     model = family.model
     params = [p for p in model.parameters() if p.requires_grad]
+    anchors = [p.detach().clone() for p in params] if proximal_mu > 0 else []
     opt = torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
     gen = torch.Generator().manual_seed(seed)
     total = num_steps(len(samples), spec)
@@ -70,9 +83,13 @@ def train_local(family, samples: Sequence, *, spec: TrainSpec, seed: int, progre
             for b, idx in enumerate(batches):
                 batch = family.vqa_batch([samples[i] for i in idx], with_answers=True)
                 loss = family.vqa_loss(batch)
+                total_loss = loss
+                if anchors:
+                    prox = sum((p - a).pow(2).sum() for p, a in zip(params, anchors, strict=True))
+                    total_loss = loss + 0.5 * proximal_mu * prox
                 # scale so that an accumulated step averages over its micro-batches
                 group = min(spec.grad_accum, len(batches) - (b // spec.grad_accum) * spec.grad_accum)
-                (loss / group).backward()
+                (total_loss / group).backward()
                 last_epoch_losses.append(float(loss.detach()))
                 if (b + 1) % spec.grad_accum == 0 or b + 1 == len(batches):
                     if spec.max_grad_norm:
@@ -125,12 +142,32 @@ def run_client_round(
     base_seed: int,
     rnd: int,
     progress: Progress | None = None,
+    proximal_mu: float = 0.0,
+    frozen_suffixes: tuple[str, ...] = (),
 ) -> ClientUpdate:
-    """One client's round: load the global adapter, train locally, score on local validation."""
+    """One client's round: load the global adapter, train locally, score on local validation.
+
+    ``proximal_mu`` and ``frozen_suffixes`` come from the strategy (FedProx's term; FFA-LoRA's frozen A).
+    """
     set_adapter_state_(family.model, global_state)
-    result = train_local(
-        family, train_samples, spec=spec, seed=derive_seed(base_seed, "client-train", client_id, rnd), progress=progress
-    )
+    toggled = [
+        p for k, p in adapter_param_map(family.model).items() if frozen_suffixes and k.endswith(frozen_suffixes)
+    ]
+    toggled = [p for p in toggled if p.requires_grad]
+    for p in toggled:
+        p.requires_grad_(False)
+    try:
+        result = train_local(
+            family,
+            train_samples,
+            spec=spec,
+            seed=derive_seed(base_seed, "client-train", client_id, rnd),
+            progress=progress,
+            proximal_mu=proximal_mu,
+        )
+    finally:
+        for p in toggled:
+            p.requires_grad_(True)
     metrics: dict[str, float] = {"train_loss": result.loss, "steps": float(result.steps)}
     if val_samples:
         acc = evaluate_vqa(family, val_samples, batch_size=spec.eval_batch_size)

@@ -29,7 +29,11 @@ class InProcessEngine:
         spec: TrainSpec,
         seed: int,
         progress: Progress | None = None,
+        proximal_mu: float = 0.0,
+        frozen_suffixes: tuple[str, ...] = (),
     ) -> None:
+        self.proximal_mu = proximal_mu
+        self.frozen_suffixes = tuple(frozen_suffixes)
         self.family = family
         self.client_data = client_data
         self.spec = spec
@@ -55,6 +59,8 @@ class InProcessEngine:
                 base_seed=self.seed,
                 rnd=rnd,
                 progress=lambda done, total: self.progress.update("steps", done),
+                proximal_mu=self.proximal_mu,
+                frozen_suffixes=self.frozen_suffixes,
             )
             self.progress.finish("steps")
             payload = pack_update(update)

@@ -32,6 +32,12 @@ class Strategy:
     """
 
     name = "base"
+    #: how the contract tests check identical clients: "factors", "product" (B·A) or "global"
+    fixed_point = "factors"
+    #: adapter key endings that clients must not train (FFA-LoRA freezes A)
+    frozen_suffixes: tuple[str, ...] = ()
+    #: FedProx proximal coefficient the client training applies (0 = none)
+    proximal_mu = 0.0
 
     def client_weights(self, updates: Sequence[ClientUpdate], group: str) -> list[float]:
         """Unnormalised aggregation weight of each update for ``group``."""
