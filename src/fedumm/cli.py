@@ -218,6 +218,62 @@ def eval_vqa(
     sys.stdout.write(json.dumps(scores, indent=2) + "\n")
 
 
+@eval_app.command("geneval")
+def eval_geneval(
+    metadata: Annotated[Path, typer.Option("--metadata", help="GenEval metadata JSONL")],
+    detections: Annotated[Path | None, typer.Option("--detections", help="precomputed detections JSONL")] = None,
+    images: Annotated[Path | None, typer.Option("--images", help="dir of {index:05d}_{sample:02d}.png images")] = None,
+) -> None:
+    """GenEval judge (official rules) on precomputed detections or on images (built-in detector)."""
+    from fedumm.data.geneval import load_metadata
+    from fedumm.eval.detect import evaluate_images
+    from fedumm.eval.geneval import evaluate_files
+
+    try:
+        if (detections is None) == (images is None):
+            raise ConfigError("give exactly one of --detections FILE or --images DIR")
+        if detections is not None:
+            result = evaluate_files(metadata, detections)
+        else:
+            result = evaluate_images(load_metadata(metadata), images)
+    except FedummError as exc:
+        _fail(exc)
+    sys.stdout.write(json.dumps(result, indent=2) + "\n")
+
+
+@app.command()
+def comm(
+    model_config: Annotated[Path, typer.Option("--model-config", help="Hugging Face config.json")],
+    lora_r: Annotated[int, typer.Option("--lora-r", help="LoRA rank")] = 16,
+    targets: Annotated[str, typer.Option(help="comma-separated module names")] = "q_proj,k_proj,v_proj,o_proj",
+    towers: Annotated[str | None, typer.Option(help="regex of module names to adapt, e.g. language_model")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON only")] = False,
+) -> None:
+    """Count LoRA vs full-model parameters and bytes from a HF config on the meta device (no weights)."""
+    _setup_logging(False)
+    from fedumm.comm import count_lora
+
+    try:
+        result = count_lora(model_config, rank=lora_r, targets=[t for t in targets.split(",") if t], towers=towers)
+    except FedummError as exc:
+        _fail(exc)
+    if as_json:
+        sys.stdout.write(json.dumps(result) + "\n")
+        return
+    t = Table(title=f"{result['architecture']} LoRA r={lora_r} on {targets}")
+    for col in ("", "params", "fp32 GB", "bf16 GB"):
+        t.add_column(col, justify="right")
+    for kind in ("full", "lora"):
+        t.add_row(
+            kind,
+            f"{result[f'{kind}_params']:,}",
+            f"{result[f'{kind}_bytes_fp32'] / 1e9:.4f}",
+            f"{result[f'{kind}_bytes_bf16'] / 1e9:.4f}",
+        )
+    out_console.print(t)
+    out_console.print(f"LoRA is {result['lora_percent']:.3f}% of the model: {result['reduction_percent']:.2f}% less per round")
+
+
 @app.command()
 def pretrain(
     data: Annotated[Path, typer.Option("--data", help="synthetic world (built here if missing)")] = Path("data/world"),

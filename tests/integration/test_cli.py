@@ -74,3 +74,36 @@ def test_data_synth_command(tmp_path):
                               "--images", "private=2", "--images", "val=1", "--images", "test=1"])
     assert res.exit_code == 0, res.output
     assert (tmp_path / "w" / "v2_mscoco_private_annotations.json").is_file()
+
+
+def test_comm_counts_from_shipped_config():
+    res = runner.invoke(app, ["comm", "--model-config", "configs/models/Qwen2.5-VL-3B-Instruct.json", "--json"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout)
+    assert out["lora_params"] < out["full_params"] / 100
+    assert out["lora_bytes_bf16"] * 2 == out["lora_bytes_fp32"]
+
+
+def test_eval_geneval_needs_exactly_one_input(tmp_path):
+    res = runner.invoke(app, ["eval", "geneval", "--metadata", str(tmp_path / "m.jsonl")])
+    assert res.exit_code == 2 and "exactly one" in res.output
+
+
+def test_eval_geneval_on_ground_truth_renders(tmp_path):
+    import numpy as np
+
+    from fedumm.data.geneval_prompts import build_prompt_set, render_prompt, write_prompt_set
+    from fedumm.data.render import render_scene
+    from fedumm.eval.detect import image_name
+
+    prompts = build_prompt_set(seed=0, per_tag=2)
+    write_prompt_set(tmp_path / "m.jsonl", prompts)
+    rng = np.random.default_rng(0)
+    (tmp_path / "imgs").mkdir()
+    for p in prompts:
+        render_scene(render_prompt(p, rng)).save(tmp_path / "imgs" / image_name(p.index, 0))
+    res = runner.invoke(app, ["eval", "geneval", "--metadata", str(tmp_path / "m.jsonl"), "--images",
+                              str(tmp_path / "imgs")])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout)
+    assert out["overall"] == 1.0 and len(out["tags"]) == 6
