@@ -6,6 +6,7 @@ import json
 import logging
 import shutil
 import sys
+import warnings
 from pathlib import Path
 from typing import Annotated
 
@@ -20,7 +21,9 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help="Federated Lo
 data_app = typer.Typer(no_args_is_help=True, help="Datasets: build the synthetic world.")
 eval_app = typer.Typer(no_args_is_help=True, help="Evaluation with the official metrics.")
 app.add_typer(data_app, name="data")
+nvflare_app = typer.Typer(no_args_is_help=True, help="NVIDIA FLARE: jobs for a provisioned system.")
 app.add_typer(eval_app, name="eval")
+app.add_typer(nvflare_app, name="nvflare")
 
 console = Console(stderr=True)
 out_console = Console()
@@ -69,12 +72,15 @@ def _fail(exc: BaseException) -> None:
 
 def _setup_logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    # library deprecation notices are not actionable for a user of the command line
+    warnings.filterwarnings("ignore", category=FutureWarning)
     for noisy in ("transformers", "peft"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     try:
         from transformers.utils import logging as hf_logging
 
         hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
     except ImportError:  # pragma: no cover
         pass
 
@@ -297,6 +303,26 @@ def pretrain(
     except FedummError as exc:
         _fail(exc)
     out_console.print_json(json.dumps(report))
+
+
+@nvflare_app.command("export")
+def nvflare_export(
+    config: Annotated[Path, typer.Argument(help="YAML config")],
+    out: Annotated[Path, typer.Option("--out", help="folder to write the job folder into")],
+    set_: Annotated[list[str] | None, typer.Option("--set", help="override, e.g. federation.rounds=3")] = None,
+) -> None:
+    """Write a FLARE job folder for `nvflare job submit` (see docs/DEPLOY.md)."""
+    _setup_logging(False)
+    from fedumm.config import load_config
+
+    try:
+        cfg = load_config(config, set_ or [])
+        from fedumm.engines.nvflare import export_job
+
+        job = export_job(cfg, out)
+    except FedummError as exc:
+        _fail(exc)
+    out_console.print(f"wrote {job}\nsubmit with: nvflare job submit -j {job} (from an admin startup kit)")
 
 
 def main() -> None:

@@ -74,6 +74,10 @@ class FederationConfig(_Strict):
     min_clients: int = Field(default=1, ge=1)
     strategy: str = "fedavg"
     strategy_params: dict[str, float] = Field(default_factory=dict)
+    compression: Literal["none", "fp16", "bf16", "int8", "int8_row"] = Field(
+        default="none", description="client->server transport of the adapter delta"
+    )
+    error_feedback: bool = Field(default=True, description="carry each client's quantisation error forward")
 
     @model_validator(mode="after")
     def _check(self) -> FederationConfig:

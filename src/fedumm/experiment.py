@@ -206,14 +206,14 @@ def run_experiment(
         "peak_rss_bytes": None,
     }
     val_baselines: dict[str, float | None] = {"zero-shot": None, "centralized": None}
-    start_round, start_state, server_state = 1, initial, {}
+    start_round, start_state, server_state, client_state = 1, initial, {}, {}
     if resume:
         for key in ("zero_shot", "centralized"):
             summary[key] = previous.get(key)
         val_baselines["zero-shot"] = (summary["zero_shot"] or {}).get("val_vqa_accuracy")
         val_baselines["centralized"] = (summary["centralized"] or {}).get("val_vqa_accuracy")
         try:
-            done, start_state, server_state = run.load_checkpoint()
+            done, start_state, server_state, client_state = run.load_checkpoint()
             start_round = done + 1
         except CheckpointError as exc:
             log.warning("no usable checkpoint (%s); the federation restarts from round 1", exc)
@@ -254,9 +254,12 @@ def run_experiment(
         progress.start("rounds", "federated rounds", fed.rounds)
         progress.update("rounds", start_round - 1)
 
+        engine = None
+
         def on_round(record: RoundRecord, state: AdapterState) -> None:
             run.append_round(record)
-            run.save_checkpoint(record.round, state, strategy.state_dict())
+            client_side = engine.state_dict() if engine is not None else {}
+            run.save_checkpoint(record.round, state, strategy.state_dict(), client_side)
             rounds_done.append(record.to_json())
             progress.update("rounds", record.round)
 
@@ -275,7 +278,10 @@ def run_experiment(
                 progress=progress,
                 proximal_mu=strategy.proximal_mu,
                 frozen_suffixes=strategy.frozen_suffixes,
+                codec=fed.compression,
+                error_feedback=fed.error_feedback,
             )
+            engine.load_state_dict(client_state)
             loop = RoundLoop(
                 engine=engine,
                 strategy=strategy,
@@ -296,8 +302,16 @@ def run_experiment(
             # on the adapters the server wrote
             if start_round > 1:
                 raise ConfigError("--resume is supported by the in-process engine only")
+            if fed.compression != "none":
+                raise ConfigError(f"federation.compression={fed.compression!r} is in-process only for now")
             final = run_nvflare(
-                cfg, run, initial_state=initial, evaluate=eval_round, on_round=on_round, progress=progress
+                cfg,
+                run,
+                initial_state=initial,
+                evaluate=eval_round,
+                on_round=on_round,
+                progress=progress,
+                strategy=strategy,
             )
         progress.finish("rounds")
         summary["federated"] = {

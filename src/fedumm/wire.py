@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import torch
 from safetensors import SafetensorError
@@ -15,7 +16,7 @@ from safetensors.torch import load, save
 from fedumm.errors import InvalidUpdate
 from fedumm.types import AdapterState, ClientUpdate
 
-__all__ = ["pack_state", "unpack_state", "pack_update", "unpack_update"]
+__all__ = ["pack_state", "unpack_state", "pack_update", "unpack_update", "WireUpdate"]
 
 
 def pack_state(state: AdapterState, metadata: Mapping[str, str] | None = None) -> bytes:
@@ -37,9 +38,10 @@ def unpack_state(payload: bytes, *, sender: str = "peer") -> tuple[dict[str, tor
     return dict(sorted(tensors.items())), dict(meta)
 
 
-def pack_update(update: ClientUpdate) -> bytes:
-    """Serialise a client update: tensors plus JSON metadata (id, example counts, metrics)."""
+def pack_update(update: ClientUpdate, *, codec: str = "none") -> bytes:
+    """Serialise a client update: tensors plus JSON metadata (id, example counts, metrics, codec)."""
     meta = {
+        "codec": codec,
         "client_id": update.client_id,
         "num_examples": json.dumps(update.num_examples),
         "metrics": json.dumps(dict(update.metrics)),
@@ -48,7 +50,14 @@ def pack_update(update: ClientUpdate) -> bytes:
     return pack_state(update.state, meta)
 
 
-def unpack_update(payload: bytes, *, sender: str) -> ClientUpdate:
+@dataclass(frozen=True, kw_only=True)
+class WireUpdate(ClientUpdate):
+    """A ClientUpdate as it arrived: ``state`` holds a compressed delta unless ``codec`` is "none"."""
+
+    codec: str = "none"
+
+
+def unpack_update(payload: bytes, *, sender: str) -> WireUpdate:
     """Parse an update payload; a missing example count is rejected, never defaulted."""
     state, meta = unpack_state(payload, sender=sender)
     for key in ("client_id", "num_examples", "metrics"):
@@ -64,7 +73,8 @@ def unpack_update(payload: bytes, *, sender: str) -> ClientUpdate:
         raise InvalidUpdate(f"{sender}: metrics must be an object, got {type(metrics).__name__}")
     if group_examples is not None and not isinstance(group_examples, dict):
         raise InvalidUpdate(f"{sender}: group_examples must be an object or null")
-    return ClientUpdate(
+    return WireUpdate(
+        codec=meta.get("codec", "none"),
         client_id=meta["client_id"],
         state=state,
         num_examples=num_examples,

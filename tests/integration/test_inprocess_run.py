@@ -128,8 +128,25 @@ def test_corrupt_latest_checkpoint_falls_back_to_previous(finished_run, tmp_path
     out = tmp_path / "copy"
     shutil.copytree(ref_out, out)
     (out / "checkpoint" / "round-0002.safetensors").write_bytes(b"\x00garbage")
-    rnd, state, _ = RunDir(out).load_checkpoint()
+    rnd, state, _, _ = RunDir(out).load_checkpoint()
     assert rnd == 1 and state
     (out / "checkpoint" / "round-0001.safetensors").write_bytes(b"")
     with pytest.raises(CheckpointError, match="no readable checkpoint"):
         RunDir(out).load_checkpoint()
+
+
+def test_int8_compression_shrinks_uploads(finished_run, tmp_path):
+    tree, _, _ = finished_run
+    tree = json.loads(json.dumps(tree))
+    tree["federation"].update({"rounds": 1, "compression": "int8"})
+    tree["baselines"] = {"zero_shot": False, "centralized": False}
+    summary = run_experiment(load_config(None, tree=tree), tmp_path / "int8")
+    assert summary["zero_shot"] is None and summary["centralized"] is None
+    r = json.loads((tmp_path / "int8" / "metrics.jsonl").read_text().splitlines()[0])
+    adapter = summary["adapter_payload_bytes"]
+    for cid in r["clients"]:
+        # int8 values are a quarter of fp32; per-tensor scales and their header entries add ~10%
+        assert r["bytes_up"][cid] < 0.4 * adapter
+        assert r["bytes_down"][cid] > adapter  # the broadcast stays full precision
+    residuals = load_file(str(tmp_path / "int8" / "checkpoint" / "clients-0001.safetensors"))
+    assert residuals and all(k.split("/")[0] in r["clients"] for k in residuals)

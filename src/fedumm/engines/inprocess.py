@@ -8,8 +8,12 @@ would be on a network, so the ledger's bytes are those of real payloads.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
+
+import torch
 
 from fedumm.client.train import TrainSpec, num_steps, run_client_round
+from fedumm.fl.compress import apply_delta, decode, delta_of, encode
 from fedumm.progress import NullProgress, Progress
 from fedumm.server.rounds import RoundOutcome
 from fedumm.types import AdapterState
@@ -31,7 +35,12 @@ class InProcessEngine:
         progress: Progress | None = None,
         proximal_mu: float = 0.0,
         frozen_suffixes: tuple[str, ...] = (),
+        codec: str = "none",
+        error_feedback: bool = True,
     ) -> None:
+        self.codec = codec
+        self.error_feedback = error_feedback
+        self.residuals: dict[str, dict[str, torch.Tensor]] = {}  # client-side error-feedback memory
         self.proximal_mu = proximal_mu
         self.frozen_suffixes = tuple(frozen_suffixes)
         self.family = family
@@ -63,9 +72,31 @@ class InProcessEngine:
                 frozen_suffixes=self.frozen_suffixes,
             )
             self.progress.finish("steps")
-            payload = pack_update(update)
+            if self.codec != "none":
+                # the client sends its compressed delta; the server decodes it onto the global state
+                delta = delta_of(update.state, received)
+                residual = self.residuals.get(cid) if self.error_feedback else None
+                tensors, new_residual = encode(delta, self.codec, residual=residual)
+                if self.error_feedback:
+                    self.residuals[cid] = new_residual
+                update = replace(update, state=tensors)
+            payload = pack_update(update, codec=self.codec)
             up_bytes[cid] = len(payload)
-            updates.append(unpack_update(payload, sender=cid))
+            arrived = unpack_update(payload, sender=cid)
+            if arrived.codec != "none":
+                state = apply_delta(global_state, decode(arrived.state, arrived.codec, sender=cid))
+                arrived = replace(arrived, state=state)
+            updates.append(arrived)
             self.progress.update("clients", i + 1)
         self.progress.finish("clients")
         return RoundOutcome(updates=updates, bytes_up=up_bytes, bytes_down=down_bytes)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Client-side state that a resumed run needs (error-feedback residuals), flattened."""
+        return {f"{cid}/{k}": t for cid, res in sorted(self.residuals.items()) for k, t in res.items()}
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        self.residuals = {}
+        for flat, t in state.items():
+            cid, _, key = flat.partition("/")
+            self.residuals.setdefault(cid, {})[key] = t.clone()

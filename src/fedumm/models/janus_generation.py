@@ -30,13 +30,15 @@ from PIL import Image
 from transformers import GenerationConfig, JanusForConditionalGeneration, JanusProcessor
 from transformers.generation import LogitsProcessor, LogitsProcessorList
 
-from fedumm.errors import DataError
+from fedumm.errors import ConfigError, DataError
 from fedumm.progress import NullProgress, Progress
 
 __all__ = [
     "BETA",
     "caption_pairs",
+    "check_generation_config",
     "encode_images",
+    "generation_tokens",
     "generate_images",
     "normalize_codebook",
     "pixel_values",
@@ -68,6 +70,29 @@ def _janus(model: torch.nn.Module) -> JanusForConditionalGeneration:
     raise TypeError(
         f"expected a JanusForConditionalGeneration (optionally peft-wrapped), got {type(model).__name__}"
     )
+
+
+def generation_tokens(model: torch.nn.Module) -> int:
+    """Image tokens per generated image: HF's ``generate`` samples the vision tower's patch count."""
+    return int(_janus(model).config.vision_config.num_image_tokens)
+
+
+def check_generation_config(model: torch.nn.Module) -> None:
+    """Raise ConfigError unless the VQ latent grid, ``vqmodel.decode`` and ``generate`` agree."""
+    config = _janus(model).config
+    size = config.vision_config.image_size
+    levels = len(config.vq_config.channel_multiplier)
+    side = size // 2 ** (levels - 1)  # the VQ encoder halves the resolution at all but the last level
+    decode_side = config.vq_config.num_patches  # JanusConfig sets it to image_size // vision patch_size
+    sampled = generation_tokens(model)
+    if side != decode_side or side * side != sampled:
+        raise ConfigError(
+            f"VQ encoder gives a {side}x{side} token grid ({levels} levels on {size} px)"
+            f" but vqmodel.decode expects {decode_side}x{decode_side} and generate samples {sampled} tokens"
+            f" (both follow the vision patch grid): give vq_config.channel_multiplier"
+            f" {1 + round(math.log2(size / max(decode_side, 1)))} levels"
+            f" or set the vision patch size to {2 ** (levels - 1)}"
+        )
 
 
 def _device(model: torch.nn.Module) -> torch.device:
@@ -164,12 +189,13 @@ def _usage(indices: torch.Tensor, num_codes: int) -> tuple[float, float]:
     return float((hist > 0).float().mean()), float(entropy.exp())
 
 
-def vq_loss(model: torch.nn.Module, pixel_values: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
-    """VQ loss on processor-normalised pixels (B, 3, H, W): L1 + L2 recon + codebook + beta * commit."""
-    vq = _janus(model).model.vqmodel
-    out = _vq_forward(vq, pixel_values)
-    l1 = (out["recon"] - pixel_values).abs().mean()
-    l2 = F.mse_loss(out["recon"], pixel_values)
+def _vq_objective(
+    vq: torch.nn.Module, pixels: torch.Tensor
+) -> tuple[torch.Tensor, dict[str, float], dict[str, torch.Tensor]]:
+    """Loss, float statistics and forward tensors of one VQ step on pixels (B, 3, H, W)."""
+    out = _vq_forward(vq, pixels)
+    l1 = (out["recon"] - pixels).abs().mean()
+    l2 = F.mse_loss(out["recon"], pixels)
     loss = l1 + l2 + out["codebook_loss"] + BETA * out["commit_loss"]
     usage, perplexity = _usage(out["indices"], vq.quantize.num_embeddings)
     stats = {
@@ -181,6 +207,12 @@ def vq_loss(model: torch.nn.Module, pixel_values: torch.Tensor) -> tuple[torch.T
         "code_usage": usage,
         "perplexity": perplexity,
     }
+    return loss, stats, out
+
+
+def vq_loss(model: torch.nn.Module, pixel_values: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+    """VQ loss on processor-normalised pixels (B, 3, H, W): L1 + L2 recon + codebook + beta * commit."""
+    loss, stats, _ = _vq_objective(_janus(model).model.vqmodel, pixel_values)
     return loss, stats
 
 
@@ -230,6 +262,7 @@ def train_vq(
         )
     progress = progress or NullProgress()
     janus = _janus(model)
+    check_generation_config(janus)
     vq = janus.model.vqmodel
     device = _device(janus)
     data = pixel_values(processor, images)  # (N, 3, H, W), kept on the CPU
@@ -259,10 +292,7 @@ def train_vq(
                 order += torch.randperm(len(data), generator=gen).tolist()
             idx, order = order[:batch_size], order[batch_size:]
             batch = data[idx].to(device)  # (B, 3, H, W)
-            out = _vq_forward(vq, batch)
-            l1 = (out["recon"] - batch).abs().mean()
-            l2 = F.mse_loss(out["recon"], batch)
-            loss = l1 + l2 + out["codebook_loss"] + BETA * out["commit_loss"]
+            loss, step_stats, out = _vq_objective(vq, batch)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -273,17 +303,7 @@ def train_vq(
             ema_counts.mul_(0.95).add_(counts, alpha=0.05)
             if reinit_dead_codes and (step + 1) % reinit_every == 0 and step + 1 < int(0.8 * steps):
                 reinitialised += _reinit_dead_codes(weight, ema_counts, out["latents"], opt, gen, threshold)
-            usage, perplexity = _usage(out["indices"], num_codes)
-            recent.append(
-                {
-                    "loss": float(loss.detach()),
-                    "recon_l1": float(l1.detach()),
-                    "recon_l2": float(l2.detach()),
-                    "code_usage": usage,
-                    "perplexity": perplexity,
-                }
-            )
-            recent = recent[-20:]
+            recent = [*recent[-19:], step_stats]
             progress.update("vq", step + 1, f"VQ tokenizer (loss {recent[-1]['loss']:.3f})")
     finally:
         progress.finish("vq")
@@ -308,6 +328,7 @@ def encode_images(
 ) -> torch.Tensor:
     """Image-token ids (N, h*w) from the frozen VQ tokenizer (``vqmodel.encode``), on the CPU."""
     janus = _janus(model)
+    check_generation_config(janus)
     vq = janus.model.vqmodel
     device = _device(janus)
     was_training = vq.training
@@ -402,6 +423,8 @@ def t2i_batch(
         tokens = images.long().cpu()  # (B, h*w)
     else:
         tokens = encode_images(janus, processor, images)  # (B, h*w)
+    if tokens.ndim != 2 or tokens.shape[1] != generation_tokens(janus):
+        raise ValueError(f"image tokens must be (B, {generation_tokens(janus)}), got {tuple(tokens.shape)}")
     bos, boi, pad = _special_ids(processor)
     enc = processor(text=list(captions), generation_mode="image", return_tensors="pt", padding=True)
     input_ids = enc["input_ids"].clone()  # (B, L), left-padded, last token BOI
@@ -460,6 +483,7 @@ def train_t2i(
         raise ValueError("train_t2i needs steps >= 1, batch_size >= 1 and as many captions as images")
     progress = progress or NullProgress()
     janus = _janus(model)
+    check_generation_config(janus)
     # (N, h*w) image-token targets, encoded once
     tokens = images if isinstance(images, torch.Tensor) else encode_images(janus, processor, images)
     params = list(params) if params is not None else t2i_parameters(janus)
@@ -537,6 +561,7 @@ def generate_images(
     if temperature < 0.0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
     janus = _janus(model)
+    check_generation_config(janus)
     device = _device(janus)
     bos, boi, pad = _special_ids(processor)
     enc = processor(text=list(prompts), generation_mode="image", return_tensors="pt", padding=True)

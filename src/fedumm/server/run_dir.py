@@ -46,11 +46,19 @@ class RunDir:
             f.flush()
             os.fsync(f.fileno())
 
-    def save_checkpoint(self, rnd: int, state: AdapterState, server_state: Mapping[str, torch.Tensor]) -> None:
-        """Write round ``rnd``'s global adapter and strategy state, then the pointer (atomic each)."""
+    def save_checkpoint(
+        self,
+        rnd: int,
+        state: AdapterState,
+        server_state: Mapping[str, torch.Tensor],
+        client_state: Mapping[str, torch.Tensor] | None = None,
+    ) -> None:
+        """Write round ``rnd``'s global adapter, strategy state and engine (client) state atomically."""
         d = self.checkpoint_dir
-        atomic_save_safetensors(d / f"round-{rnd:04d}.safetensors", state, {"round": str(rnd)})
         atomic_save_safetensors(d / f"server-{rnd:04d}.safetensors", server_state, {"round": str(rnd)})
+        atomic_save_safetensors(d / f"clients-{rnd:04d}.safetensors", client_state or {}, {"round": str(rnd)})
+        # the adapter file last: its presence marks the round's checkpoint as complete
+        atomic_save_safetensors(d / f"round-{rnd:04d}.safetensors", state, {"round": str(rnd)})
         atomic_write_json(d / "latest.json", {"round": rnd})
         for old in d.glob("*.safetensors"):  # keep the last two rounds
             try:
@@ -60,7 +68,9 @@ class RunDir:
             if r < rnd - 1:
                 old.unlink(missing_ok=True)
 
-    def load_checkpoint(self) -> tuple[int, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    def load_checkpoint(
+        self,
+    ) -> tuple[int, dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """Latest good round: falls back to the previous round when the latest files are corrupt."""
         d = self.checkpoint_dir
         rounds = sorted(
@@ -74,7 +84,8 @@ class RunDir:
             try:
                 state = read_safetensors(d / f"round-{rnd:04d}.safetensors")
                 server = read_safetensors(d / f"server-{rnd:04d}.safetensors")
-                return rnd, state, server
+                clients = read_safetensors(d / f"clients-{rnd:04d}.safetensors")
+                return rnd, state, server, clients
             except CheckpointError as exc:
                 errors.append(str(exc))
         raise CheckpointError("no readable checkpoint: " + "; ".join(errors))

@@ -14,6 +14,7 @@ if TYPE_CHECKING:
     import torch
 
     from fedumm.config import Config
+    from fedumm.fl.strategies import Strategy
     from fedumm.progress import Progress
     from fedumm.server.run_dir import RunDir
     from fedumm.types import AdapterState, RoundRecord
@@ -29,12 +30,19 @@ def run_nvflare(
     evaluate: Callable[[AdapterState, int], Mapping[str, float]] | None = None,
     on_round: Callable[[RoundRecord, AdapterState], None] | None = None,
     progress: Progress | None = None,
+    strategy: Strategy | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Run the federation on FLARE's simulator or a local POC; see :mod:`.runner`."""
+    """Run the federation on FLARE's simulator or a local POC; see :func:`.runner.run_nvflare`."""
     from fedumm.engines.nvflare.runner import run_nvflare as _run
 
     return _run(
-        cfg, run, initial_state=initial_state, evaluate=evaluate, on_round=on_round, progress=progress
+        cfg,
+        run,
+        initial_state=initial_state,
+        evaluate=evaluate,
+        on_round=on_round,
+        progress=progress,
+        strategy=strategy,
     )
 
 

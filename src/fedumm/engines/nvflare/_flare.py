@@ -12,7 +12,9 @@ INSTALL_HINT = "pip install 'fedumm[nvflare]'"
 try:
     import nvflare
     import nvflare.client as flare_client
+    from nvflare.apis.utils.decomposers import flare_decomposers
     from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
+    from nvflare.app_common.decomposers import common_decomposers
     from nvflare.app_common.utils.fl_model_utils import FLModelUtils
     from nvflare.app_common.workflows.model_controller import ModelController
     from nvflare.app_opt.pt.decomposers import TensorDecomposer
@@ -52,7 +54,10 @@ __all__ = [
 
 
 def register_tensor_decomposer() -> None:
-    """torch tensors on the wire as safetensors (FLARE registers it on clients, not on the server)."""
+    """FOBS as a FLARE process has it (Shareable, DXO, ... decomposers) plus torch tensors as
+    safetensors (FLARE registers that one on clients, not on the server)."""
+    flare_decomposers.register()
+    common_decomposers.register()
     fobs.register(TensorDecomposer)
 
 

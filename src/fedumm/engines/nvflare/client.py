@@ -114,7 +114,11 @@ def main(argv: Sequence[str] | None = None, *, script_dir: str | Path | None = N
     from fedumm.client.train import run_client_round
     from fedumm.experiment import train_spec
 
+    from fedumm.fl.strategies import make_strategy
+
     spec = train_spec(cfg)
+    # the strategy's client-side hooks (FedProx's term, FFA-LoRA's frozen A), as in process
+    strategy = make_strategy(cfg.federation.strategy, **cfg.federation.strategy_params)
     log.info("%s: ready", site)
     while flare_client.is_running():
         received = flare_client.receive()
@@ -138,6 +142,8 @@ def main(argv: Sequence[str] | None = None, *, script_dir: str | Path | None = N
                 spec=spec,
                 base_seed=cfg.seed,
                 rnd=rnd,
+                proximal_mu=strategy.proximal_mu,
+                frozen_suffixes=strategy.frozen_suffixes,
             )
         except Exception as exc:  # this round is lost for this site; the next one may work
             log.exception("%s: round %d failed", site, rnd)

@@ -151,7 +151,8 @@ class FedummController(ModelController):
         initial_adapter: safetensors file of the initial global adapter (same rule).
         groups_file: JSON map adapter key -> adapter group (per-modality aggregation; same rule).
         results_dir: where round results go; "" = ``<server run dir>/fedumm`` (downloaded with the job).
-        clients: the clients to federate over; empty = the clients connected when the job starts.
+        clients: the clients to federate over, in sampling order; empty = the clients connected when
+            the job starts, sorted by name.
     """
 
     def __init__(
@@ -181,7 +182,7 @@ class FedummController(ModelController):
             initial = read_safetensors(self._resolve(self.initial_adapter))
             with open(self._resolve(self.groups_file), encoding="utf-8") as f:
                 groups: dict[str, str] = json.load(f)
-            clients = sorted(self.clients or []) or sorted(c.name for c in self.engine.get_clients())
+            clients = list(self.clients or []) or sorted(c.name for c in self.engine.get_clients())
             if not clients:
                 raise EngineError("no FLARE clients to federate over")
             fed = cfg.federation

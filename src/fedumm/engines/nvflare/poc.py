@@ -21,6 +21,7 @@ import io
 import logging
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -130,7 +131,7 @@ class PocBackend:
         )
         try:
             rc = prep.wait(timeout=max(1.0, deadline - time.monotonic()))
-        except Exception:
+        except subprocess.TimeoutExpired:
             raise EngineError(
                 f"nvflare-poc: provisioning did not finish within {nv.start_timeout_s:.0f} s"
             ) from None
@@ -150,7 +151,7 @@ class PocBackend:
         self._login(deadline)
         self._wait_clients(deadline)
         try:
-            self.job_id = self.session.submit_job(str(job_dir))
+            self.job_id = _quiet(self.session.submit_job, str(job_dir))
         except Exception as exc:
             raise EngineError(f"nvflare-poc: job submission failed: {exc}") from None
         log.info("nvflare-poc: job %s submitted", self.job_id)
@@ -182,7 +183,7 @@ class PocBackend:
         while time.monotonic() < deadline:
             self._check_alive()
             try:
-                have = {c.name for c in self.session.get_connected_client_list()}
+                have = {c.name for c in _quiet(self.session.get_connected_client_list)}
             except Exception as exc:
                 log.debug("client list: %s", exc)
             if want <= have:
@@ -209,7 +210,7 @@ class PocBackend:
         if fresh or now - self._status_t >= STATUS_POLL_S:
             self._status_t = now
             try:
-                self._status = self.session.get_job_status(self.job_id)
+                self._status = _quiet(self.session.get_job_status, self.job_id)
             except Exception as exc:
                 log.debug("job status: %s", exc)
         return self._status
@@ -241,18 +242,31 @@ class PocBackend:
             dest = self.out / "job_result"
             if dest.exists():
                 shutil.rmtree(dest)
-            self.session.download_job_result(self.job_id, destination=str(dest))
+            _quiet(self.session.download_job_result, self.job_id, destination=str(dest))
         except Exception as exc:
             log.warning("nvflare-poc: could not download the job result: %s", exc)
 
     def stop(self) -> list[str]:
+        interrupted = False
+        t0 = time.monotonic()
         try:
             self._shutdown()
+        except KeyboardInterrupt:  # a second Ctrl-C: no more graceful waiting
+            interrupted = True
+        except Exception as exc:
+            log.warning("nvflare-poc: orderly shutdown failed (%s); stopping the processes", exc)
+        t1 = time.monotonic()
+        try:
+            survivors = self.procs.stop(grace=0.0 if interrupted else 10.0)
+            log.info(
+                "nvflare-poc: stopped in %.1f s (orderly shutdown %.1f s)", time.monotonic() - t0, t1 - t0
+            )
         finally:
-            survivors = self.procs.stop()
             self._collect_logs()
             if self.tmp is not None:
                 shutil.rmtree(self.tmp, ignore_errors=True)
+        if interrupted:
+            raise KeyboardInterrupt
         return survivors
 
     def _shutdown(self) -> None:
@@ -260,15 +274,15 @@ class PocBackend:
             st = self.status(fresh=True)
             if self.job_id and st and not st.startswith("FINISHED"):
                 try:
-                    self.session.abort_job(self.job_id)
+                    _quiet(self.session.abort_job, self.job_id)
                 except Exception as exc:
                     log.debug("abort: %s", exc)
             try:
-                self.session.shutdown("all", wait=False)
+                _quiet(self.session.shutdown, "all", wait=False)
             except Exception as exc:
                 log.debug("shutdown: %s", exc)
             try:
-                self.session.close()
+                _quiet(self.session.close)
             except Exception:
                 pass
             self.session = None
@@ -280,6 +294,9 @@ class PocBackend:
             log.info("nvflare-poc: %d process(es) still up after the shutdown request", len(left))
 
     def _collect_logs(self) -> None:
+        if self.tmp is not None and (self.tmp / "prepare.log").is_file():
+            self.out.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(self.tmp / "prepare.log", self.out / "prepare.log")
         if self.prod is None:
             return
         for name in self._participants():

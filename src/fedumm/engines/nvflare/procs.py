@@ -136,42 +136,55 @@ class ProcessSet:
             p.poll()
 
     def stop(self, grace: float = 10.0) -> list[str]:
-        """SIGTERM everything, SIGKILL after ``grace`` seconds; return descriptions of survivors."""
-        for p in self.popens:
-            if p.poll() is None:
-                try:
-                    os.killpg(p.pid, signal.SIGTERM)
-                except (ProcessLookupError, PermissionError):
-                    pass
-        procs = self.alive()
-        for proc in procs:
-            try:
-                proc.terminate()
-            except psutil.Error:
-                pass
-        left = self.wait_all_exit(grace) if procs else []
+        """SIGTERM everything, SIGKILL after ``grace`` seconds; return descriptions of survivors.
+
+        A Ctrl-C while waiting skips the rest of the grace period (everything is killed at once)
+        and is re-raised once nothing is left.
+        """
+        interrupted = False
+        self._signal_all(signal.SIGTERM)
+        try:
+            left = self.wait_all_exit(grace)
+        except KeyboardInterrupt:
+            interrupted = True
+            left = self.alive()
         if left:
-            log.warning("killing %d FLARE process(es) that ignored SIGTERM for %.0f s", len(left), grace)
-            for p in self.popens:
-                try:
-                    os.killpg(p.pid, signal.SIGKILL)
-                except (ProcessLookupError, PermissionError):
-                    pass
-            for proc in left:
-                try:
-                    proc.kill()
-                except psutil.Error:
-                    pass
-            left = self.wait_all_exit(5.0)
+            if not interrupted:
+                log.warning("killing %d FLARE process(es) that ignored SIGTERM for %.0f s", len(left), grace)
+            self._signal_all(signal.SIGKILL)
+            left = self._wait_uninterrupted(5.0)
         for p in self.popens:
             try:
-                p.wait(timeout=1.0)
+                p.wait(timeout=0.5)
             except subprocess.TimeoutExpired:
                 pass
         for f in self._logs:
             f.close()
         self._logs.clear()
+        if interrupted:
+            raise KeyboardInterrupt
         return [describe(p) for p in left]
+
+    def _wait_uninterrupted(self, timeout: float) -> list[psutil.Process]:
+        while True:
+            try:
+                return self.wait_all_exit(timeout)
+            except KeyboardInterrupt:
+                self._signal_all(signal.SIGKILL)
+
+    def _signal_all(self, sig: signal.Signals) -> None:
+        """``sig`` to the process group of every started process and to every live process of the run."""
+        for p in self.popens:
+            if p.poll() is None:
+                try:
+                    os.killpg(p.pid, sig)
+                except (ProcessLookupError, PermissionError):
+                    pass
+        for proc in self.alive():
+            try:
+                proc.send_signal(sig)
+            except psutil.Error:
+                pass
 
 
 def check_ports_free(ports: Mapping[str, int]) -> None:

@@ -62,6 +62,7 @@ class ServerRound:
 
     record: dict
     state: dict[str, torch.Tensor]
+    server_state: dict[str, torch.Tensor]
 
 
 def record_from_json(
@@ -102,9 +103,10 @@ class ResultsReader:
             return None
         try:
             state = read_safetensors(self.path / _round_name(rnd, "safetensors"))
+            server = read_safetensors(self.path / _round_name(rnd, "safetensors", "server"))
         except Exception as exc:
-            raise EngineError(f"{self.path}: round {rnd}'s global adapter is unreadable ({exc})") from None
-        return ServerRound(record=record, state=dict(sorted(state.items())))
+            raise EngineError(f"{self.path}: round {rnd}'s files are unreadable ({exc})") from None
+        return ServerRound(record=record, state=dict(sorted(state.items())), server_state=server)
 
     def _json(self, name: str) -> dict | None:
         p = self.path / name

@@ -9,11 +9,14 @@ whatever the way out is.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
+import signal
 import sys
+import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import torch
@@ -24,6 +27,7 @@ from fedumm.engines.nvflare.job import build_job, group_map
 from fedumm.engines.nvflare.procs import ProcessSet
 from fedumm.engines.nvflare.results import ResultsReader, record_from_json
 from fedumm.errors import EngineError
+from fedumm.fl.strategies import Strategy
 from fedumm.progress import NullProgress, Progress
 from fedumm.server.run_dir import RunDir
 from fedumm.types import AdapterState, RoundRecord
@@ -33,7 +37,7 @@ log = logging.getLogger(__name__)
 __all__ = ["run_nvflare", "workspace_of"]
 
 POLL_S = 0.25
-EXIT_GRACE_S = 60.0  # how long FLARE may take to wind down after the last round
+EXIT_GRACE_S = 30.0  # how long FLARE may take to wind down after the last round
 
 
 def workspace_of(cfg: Config, run: RunDir) -> Path:
@@ -48,9 +52,14 @@ def run_nvflare(
     evaluate: Callable[[AdapterState, int], Mapping[str, float]] | None = None,
     on_round: Callable[[RoundRecord, AdapterState], None] | None = None,
     progress: Progress | None = None,
+    strategy: Strategy | None = None,
 ) -> dict[str, torch.Tensor]:
     """Run ``cfg.federation`` on FLARE (``cfg.engine`` nvflare-sim or nvflare-poc); return the final
-    global adapter. ``run`` must already hold config.yaml and partition.json."""
+    global adapter. ``run`` must already hold config.yaml and partition.json.
+
+    The strategy runs on the FLARE server; a ``strategy`` given here receives the server's strategy
+    state (``load_state_dict``) before each ``on_round`` call, so that checkpoints hold it.
+    """
     if cfg.engine not in ("nvflare-sim", "nvflare-poc"):
         raise EngineError(f"run_nvflare: engine must be nvflare-sim or nvflare-poc, got {cfg.engine!r}")
     progress = progress or NullProgress()
@@ -59,7 +68,7 @@ def run_nvflare(
     for p in (config_file, partition_file):
         if not p.is_file():
             raise EngineError(f"{p} is missing: run_nvflare needs the run directory's config and partition")
-    clients = sorted(load_partition(partition_file).clients)
+    clients = list(load_partition(partition_file).clients)  # the in-process engine's order
     workspace = workspace_of(cfg, run)
     results_dir = workspace / "results"
     if results_dir.exists():
@@ -86,26 +95,50 @@ def run_nvflare(
 
         backend = PocBackend(cfg=cfg, workspace=workspace, clients=clients, procs=procs)
 
-    rounds = cfg.federation.rounds
-    progress.start("nvflare", f"{cfg.engine}: starting {len(clients)} clients", rounds)
+    progress.start("nvflare", f"{cfg.engine}: starting {len(clients)} clients", cfg.federation.rounds)
     t0 = time.perf_counter()
+    with _sigterm_as_interrupt():
+        return _run(
+            cfg, backend, job_dir, results_dir, initial_state, evaluate, on_round, progress, strategy, t0
+        )
+
+
+def _run(cfg, backend, job_dir, results_dir, initial_state, evaluate, on_round, progress, strategy, t0):
     try:
         backend.start(job_dir)
         log.info("%s: job submitted after %.1f s", cfg.engine, time.perf_counter() - t0)
-        state = _follow(
-            cfg, backend, ResultsReader(results_dir), dict(initial_state), evaluate, on_round, progress
-        )
+        reader = ResultsReader(results_dir)
+        state = _follow(cfg, backend, reader, dict(initial_state), evaluate, on_round, progress, strategy)
         backend.finish(EXIT_GRACE_S)
-    finally:
+    except BaseException:
         survivors = backend.stop()
         progress.finish("nvflare")
-        if survivors:  # never silently: these would hold ports and memory
-            msg = f"{cfg.engine}: {len(survivors)} FLARE process(es) survived SIGKILL: {'; '.join(survivors)}"
-            if sys.exc_info()[0] is None:
-                raise EngineError(msg)
-            log.error(msg)
-    log.info("%s: %d rounds in %.1f s", cfg.engine, rounds, time.perf_counter() - t0)
+        if survivors:  # logged, the original error is what the caller needs to see
+            log.error("%s: FLARE process(es) survived SIGKILL: %s", cfg.engine, "; ".join(survivors))
+        raise
+    survivors = backend.stop()
+    progress.finish("nvflare")
+    if survivors:  # never silently: they would hold ports and memory
+        raise EngineError(f"{cfg.engine}: FLARE process(es) survived SIGKILL: {'; '.join(survivors)}")
+    log.info("%s: %d rounds in %.1f s", cfg.engine, cfg.federation.rounds, time.perf_counter() - t0)
     return state
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """While FLARE runs, SIGTERM to this process stops FLARE like Ctrl-C does (instead of orphaning it)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _follow(
@@ -116,6 +149,7 @@ def _follow(
     evaluate,
     on_round,
     progress: Progress,
+    strategy: Strategy | None,
 ) -> dict[str, torch.Tensor]:
     """Poll the results folder until the last round (or an error, a dead FLARE, no progress)."""
     nv = cfg.nvflare
@@ -135,6 +169,8 @@ def _follow(
             record = record_from_json(
                 got.record, global_metrics=metrics, extra_wall_s=time.perf_counter() - t_eval
             )
+            if strategy is not None:
+                strategy.load_state_dict(got.server_state)
             if on_round:
                 on_round(record, got.state)
             state = got.state
@@ -155,9 +191,8 @@ def _follow(
                 and not (rnd > rounds and reader.done())
             ):
                 why = failure or "FLARE ended"
-                raise EngineError(
-                    f"{cfg.engine}: {why} before round {min(rnd, rounds)} was reported; {backend.logs_hint()}"
-                )
+                what = f"round {rnd} was reported" if rnd <= rounds else "the server finished"
+                raise EngineError(f"{cfg.engine}: {why} before {what}; {backend.logs_hint()}")
             continue
         if time.monotonic() - last > limit:
             what = "start" if rnd == 1 else f"report round {rnd}"

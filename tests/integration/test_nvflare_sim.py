@@ -1,0 +1,144 @@
+"""The FLARE simulator engine gives the in-process engine's results (same adapters, same ledger up to
+FLARE's own serialisation) and leaves no process behind."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+
+import pytest
+import torch
+
+pytest.importorskip("nvflare")
+
+from fedumm.config import load_config  # noqa: E402
+from fedumm.experiment import run_experiment  # noqa: E402
+from fedumm.io import read_safetensors  # noqa: E402
+
+pytestmark = [pytest.mark.integration, pytest.mark.nvflare, pytest.mark.slow]
+
+ATOL = 1e-5
+
+
+def leftover_flare_processes() -> list[str]:
+    """Processes started by any fedumm FLARE run (they carry its environment tag) that still live."""
+    import psutil
+
+    from fedumm.engines.nvflare.procs import TAG_ENV
+
+    out = []
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            if p.pid != os.getpid() and TAG_ENV in p.environ() and p.status() != psutil.STATUS_ZOMBIE:
+                out.append(f"{p.pid} {' '.join(p.info['cmdline'] or [])[:120]}")
+        except psutil.Error:
+            continue
+    return out
+
+
+@pytest.fixture()
+def one_thread(monkeypatch):
+    """Every process (this one and FLARE's) computes on one thread: same maths, fair to a 2-core box."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("MKL_NUM_THREADS", "1")
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _tree(base: dict, engine: str) -> dict:
+    tree = copy.deepcopy(base)
+    tree["engine"] = engine
+    tree["baselines"] = {"zero_shot": False, "centralized": False}
+    return tree
+
+
+def _rounds(path) -> list[dict]:
+    return [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def test_sim_matches_inprocess(tiny_config_tree, tmp_path, one_thread):
+    from fedumm.engines.nvflare._flare import FLModel, ParamsType, fobs_nbytes
+
+    ref_dir, sim_dir = tmp_path / "inprocess", tmp_path / "sim"
+    run_experiment(load_config(None, tree=_tree(tiny_config_tree, "inprocess")), ref_dir)
+    cfg = load_config(None, tree=_tree(tiny_config_tree, "nvflare-sim"))
+    summary = run_experiment(cfg, sim_dir)
+    assert summary["status"] == "finished"
+    assert leftover_flare_processes() == []
+
+    # the same global adapter after every round
+    rounds = cfg.federation.rounds
+    states = {}
+    for rnd in range(1, rounds + 1):
+        name = f"round-{rnd:04d}.safetensors"
+        ref = read_safetensors(ref_dir / "checkpoint" / name)
+        got = read_safetensors(sim_dir / "checkpoint" / name)
+        assert sorted(ref) == sorted(got)
+        for k in ref:
+            torch.testing.assert_close(got[k], ref[k], atol=ATOL, rtol=0, msg=f"round {rnd}: {k}")
+        states[rnd] = got
+
+    ref_rounds, sim_rounds = _rounds(ref_dir), _rounds(sim_dir)
+    assert [r["round"] for r in sim_rounds] == list(range(1, rounds + 1))
+    initial = read_safetensors(
+        next((sim_dir / "nvflare" / "job").glob("*/app/custom/fedumm_initial_adapter.safetensors"))
+    )
+    n_tensors = len(initial)
+    for ref, got in zip(ref_rounds, sim_rounds, strict=True):
+        assert got["clients"] == ref["clients"] and got["dropped"] == ref["dropped"] == []
+        assert got["global"] == pytest.approx(ref["global"])
+        for c, m in ref["client_metrics"].items():
+            assert got["client_metrics"][c] == pytest.approx(m, abs=1e-4)
+        # ledger: FLARE ships what the in-process engine ships (the same tensors) plus its own framing:
+        # a safetensors header per tensor inside FOBS/msgpack and the Shareable's headers
+        assert set(got["bytes_up"]) == set(ref["bytes_up"]) and set(got["bytes_down"]) == set(
+            ref["bytes_down"]
+        )
+        for direction in ("bytes_up", "bytes_down"):
+            for c in ref[direction]:
+                extra = got[direction][c] - ref[direction][c]
+                assert 0 < extra < 200 * n_tensors + 1024, (direction, c, extra)
+        # and the server counted exactly the FOBS serialisation of the model it broadcast
+        prev = initial if got["round"] == 1 else states[got["round"] - 1]
+        sent = FLModel(
+            params_type=ParamsType.FULL,
+            params=prev,
+            current_round=got["round"],
+            total_rounds=rounds,
+            meta={"fedumm_round": got["round"]},
+        )
+        assert set(got["bytes_down"].values()) == {fobs_nbytes(sent)}
+
+    # the final adapter saved by the experiment is the last round's
+    assert (sim_dir / "global_adapter").is_dir()
+    assert summary["bytes_up_per_round"] == max(r["bytes_up_total"] for r in sim_rounds)
+
+
+class _InterruptAfterRound:
+    """A progress sink that acts like Ctrl-C right after round ``rnd`` has been recorded."""
+
+    def __init__(self, rnd: int) -> None:
+        self.rnd = rnd
+
+    def start(self, key, description, total):
+        pass
+
+    def update(self, key, completed, description=None):
+        if key == "rounds" and completed == self.rnd:
+            raise KeyboardInterrupt
+
+    def finish(self, key):
+        pass
+
+
+def test_sim_ctrl_c_stops_flare(tiny_config_tree, tmp_path, one_thread):
+    cfg = load_config(None, tree=_tree(tiny_config_tree, "nvflare-sim"))
+    out = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(cfg, out, progress=_InterruptAfterRound(1))
+    assert leftover_flare_processes() == []
+    assert [r["round"] for r in _rounds(out)] == [1]
+    assert json.loads((out / "summary.json").read_text())["status"] == "interrupted"
