@@ -12,12 +12,23 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 
 from fedumm.errors import ConfigError, DataError, FedummError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Federated LoRA fine-tuning of unified multimodal models.")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Federated LoRA fine-tuning of unified multimodal models.",
+)
 data_app = typer.Typer(no_args_is_help=True, help="Datasets: build the synthetic world.")
 eval_app = typer.Typer(no_args_is_help=True, help="Evaluation with the official metrics.")
 app.add_typer(data_app, name="data")
@@ -71,7 +82,9 @@ def _fail(exc: BaseException) -> None:
 
 
 def _setup_logging(verbose: bool) -> None:
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
     # library deprecation notices are not actionable for a user of the command line
     warnings.filterwarnings("ignore", category=FutureWarning)
     for noisy in ("transformers", "peft"):
@@ -102,8 +115,12 @@ def _summary_table(summary: dict) -> Table:
 def run(
     config: Annotated[Path | None, typer.Argument(help="YAML config")] = None,
     out: Annotated[Path | None, typer.Option("--out", help="run directory")] = None,
-    set_: Annotated[list[str] | None, typer.Option("--set", help="override, e.g. federation.rounds=3")] = None,
-    resume: Annotated[Path | None, typer.Option("--resume", help="continue the interrupted run in this directory")] = None,
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="override, e.g. federation.rounds=3")
+    ] = None,
+    resume: Annotated[
+        Path | None, typer.Option("--resume", help="continue the interrupted run in this directory")
+    ] = None,
     overwrite: Annotated[bool, typer.Option(help="delete an existing run in --out first")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
@@ -116,9 +133,13 @@ def run(
     try:
         if resume is not None:
             if config is not None or set_:
-                raise ConfigError("--resume takes the config saved in the run directory; drop CONFIG and --set")
+                raise ConfigError(
+                    "--resume takes the config saved in the run directory; drop CONFIG and --set"
+                )
         elif config is None or out is None:
-            raise ConfigError("usage: fedumm run CONFIG.yaml --out DIR [--set KEY=VALUE ...] | fedumm run --resume DIR")
+            raise ConfigError(
+                "usage: fedumm run CONFIG.yaml --out DIR [--set KEY=VALUE ...] | fedumm run --resume DIR"
+            )
         with _progress() as bars:
             if resume is not None:
                 summary = resume_experiment(resume, progress=RichProgress(bars))
@@ -128,16 +149,19 @@ def run(
                     shutil.rmtree(out)
                 summary = run_experiment(cfg, out, progress=RichProgress(bars))
     except KeyboardInterrupt:
-        console.print(f"[yellow]interrupted[/]: finished rounds are kept in {target}; continue with --resume {target}")
+        console.print(
+            f"[yellow]interrupted[/]: finished rounds are kept in {target}; continue with --resume {target}"
+        )
         raise typer.Exit(130) from None
     except FedummError as exc:
         _fail(exc)
     out_console.print(_summary_table(summary))
     mb = 1024 * 1024
+    up, down = summary["bytes_up_per_round"] / mb, summary["bytes_down_per_round"] / mb
     out_console.print(
-        f"bytes per round: up {summary['bytes_up_per_round'] / mb:.3f} MiB, "
-        f"down {summary['bytes_down_per_round'] / mb:.3f} MiB; full model {summary['full_model_bytes'] / mb:.2f} MiB; "
-        f"wall {summary['wall_time_s']:.1f} s; peak RSS {summary['peak_rss_bytes'] / mb:.0f} MiB; outputs in {target}"
+        f"bytes per round: up {up:.3f} MiB, down {down:.3f} MiB; "
+        f"full model {summary['full_model_bytes'] / mb:.2f} MiB; wall {summary['wall_time_s']:.1f} s; "
+        f"peak RSS {summary['peak_rss_bytes'] / mb:.0f} MiB; outputs in {target}"
     )
 
 
@@ -145,7 +169,9 @@ def run(
 def data_synth(
     out: Annotated[Path, typer.Option("--out", help="output directory")],
     seed: Annotated[int, typer.Option(help="world seed")] = 0,
-    images: Annotated[list[str] | None, typer.Option(help="images per split, e.g. --images public=3000")] = None,
+    images: Annotated[
+        list[str] | None, typer.Option(help="images per split, e.g. --images public=3000")
+    ] = None,
 ) -> None:
     """Render the synthetic world in VQA v2 / COCO formats."""
     _setup_logging(False)
@@ -227,8 +253,12 @@ def eval_vqa(
 @eval_app.command("geneval")
 def eval_geneval(
     metadata: Annotated[Path, typer.Option("--metadata", help="GenEval metadata JSONL")],
-    detections: Annotated[Path | None, typer.Option("--detections", help="precomputed detections JSONL")] = None,
-    images: Annotated[Path | None, typer.Option("--images", help="dir of {index:05d}_{sample:02d}.png images")] = None,
+    detections: Annotated[
+        Path | None, typer.Option("--detections", help="precomputed detections JSONL")
+    ] = None,
+    images: Annotated[
+        Path | None, typer.Option("--images", help="dir of {index:05d}_{sample:02d}.png images")
+    ] = None,
 ) -> None:
     """GenEval judge (official rules) on precomputed detections or on images (built-in detector)."""
     from fedumm.data.geneval import load_metadata
@@ -251,8 +281,12 @@ def eval_geneval(
 def comm(
     model_config: Annotated[Path, typer.Option("--model-config", help="Hugging Face config.json")],
     lora_r: Annotated[int, typer.Option("--lora-r", help="LoRA rank")] = 16,
-    targets: Annotated[str, typer.Option(help="comma-separated module names")] = "q_proj,k_proj,v_proj,o_proj",
-    towers: Annotated[str | None, typer.Option(help="regex of module names to adapt, e.g. language_model")] = None,
+    targets: Annotated[
+        str, typer.Option(help="comma-separated module names")
+    ] = "q_proj,k_proj,v_proj,o_proj",
+    towers: Annotated[
+        str | None, typer.Option(help="regex of module names to adapt, e.g. language_model")
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON only")] = False,
 ) -> None:
     """Count LoRA vs full-model parameters and bytes from a HF config on the meta device (no weights)."""
@@ -260,7 +294,9 @@ def comm(
     from fedumm.comm import count_lora
 
     try:
-        result = count_lora(model_config, rank=lora_r, targets=[t for t in targets.split(",") if t], towers=towers)
+        result = count_lora(
+            model_config, rank=lora_r, targets=[t for t in targets.split(",") if t], towers=towers
+        )
     except FedummError as exc:
         _fail(exc)
     if as_json:
@@ -277,12 +313,17 @@ def comm(
             f"{result[f'{kind}_bytes_bf16'] / 1e9:.4f}",
         )
     out_console.print(t)
-    out_console.print(f"LoRA is {result['lora_percent']:.3f}% of the model: {result['reduction_percent']:.2f}% less per round")
+    out_console.print(
+        f"LoRA is {result['lora_percent']:.3f}% of the model: "
+        f"{result['reduction_percent']:.2f}% less per round"
+    )
 
 
 @app.command()
 def pretrain(
-    data: Annotated[Path, typer.Option("--data", help="synthetic world (built here if missing)")] = Path("data/world"),
+    data: Annotated[Path, typer.Option("--data", help="synthetic world (built here if missing)")] = Path(
+        "data/world"
+    ),
     out: Annotated[Path | None, typer.Option("--out", help="checkpoint dir (default: the built-in)")] = None,
     seed: Annotated[int, typer.Option()] = 0,
     epochs: Annotated[int | None, typer.Option()] = None,
@@ -291,7 +332,8 @@ def pretrain(
     _setup_logging(False)
     from fedumm.data.synth import synthesize
     from fedumm.models.janus import BUILTIN_PATH
-    from fedumm.pretrain import PretrainSpec, pretrain as run_pretrain
+    from fedumm.pretrain import PretrainSpec
+    from fedumm.pretrain import pretrain as run_pretrain
 
     try:
         if not (data / "world.json").exists():
@@ -309,7 +351,9 @@ def pretrain(
 def nvflare_export(
     config: Annotated[Path, typer.Argument(help="YAML config")],
     out: Annotated[Path, typer.Option("--out", help="folder to write the job folder into")],
-    set_: Annotated[list[str] | None, typer.Option("--set", help="override, e.g. federation.rounds=3")] = None,
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="override, e.g. federation.rounds=3")
+    ] = None,
 ) -> None:
     """Write a FLARE job folder for `nvflare job submit` (see docs/DEPLOY.md)."""
     _setup_logging(False)

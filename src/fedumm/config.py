@@ -25,8 +25,12 @@ class DataConfig(_Strict):
     test_split: str = "test"
     max_val_questions: int | None = Field(default=None, ge=1, description="cap per-round validation size")
     max_test_questions: int | None = Field(default=None, ge=1, description="cap final test size")
-    synthesize_if_missing: bool = Field(default=False, description="build the synthetic world if path is empty")
-    synth_images: dict[str, int] | None = Field(default=None, description="images per split when synthesizing")
+    synthesize_if_missing: bool = Field(
+        default=False, description="build the synthetic world if path is empty"
+    )
+    synth_images: dict[str, int] | None = Field(
+        default=None, description="images per split when synthesizing"
+    )
 
 
 class ModelConfig(_Strict):
@@ -169,7 +173,10 @@ def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
     model: type[BaseModel] | None = Config
     for i, part in enumerate(parts):
         if model is not None and part not in model.model_fields:
-            raise ConfigError(f"--set {dotted}: unknown key {'.'.join(parts[: i + 1])!r}{_suggest(Config, tuple(parts[: i + 1]))}")
+            raise ConfigError(
+                f"--set {dotted}: unknown key {'.'.join(parts[: i + 1])!r}"
+                f"{_suggest(Config, tuple(parts[: i + 1]))}"
+            )
         if i == len(parts) - 1:
             cur[part] = value
             return
@@ -184,7 +191,7 @@ def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
 
 
 def apply_overrides(tree: dict, overrides: list[str]) -> dict:
-    """Apply 'a.b=value' overrides (values parsed as YAML) to a raw config dict, checked against the schema."""
+    """Apply 'a.b=value' overrides (YAML values) to a raw config dict, checked against the schema."""
     out = yaml.safe_load(yaml.safe_dump(tree)) or {}
     for item in overrides:
         if "=" not in item:
@@ -198,7 +205,9 @@ def apply_overrides(tree: dict, overrides: list[str]) -> dict:
     return out
 
 
-def load_config(path: str | Path | None, overrides: list[str] | None = None, *, tree: dict | None = None) -> Config:
+def load_config(
+    path: str | Path | None, overrides: list[str] | None = None, *, tree: dict | None = None
+) -> Config:
     """Read YAML (or take ``tree``), apply overrides, validate; any problem is one ConfigError."""
     source = str(path) if path else "<config>"
     if tree is None:

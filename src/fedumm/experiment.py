@@ -63,7 +63,9 @@ def load_data(cfg: Config, *, eval_splits: bool = True) -> ExperimentData:
     d = cfg.data
     if not d.path.exists() or not any(d.path.iterdir()):
         if not d.synthesize_if_missing:
-            raise ConfigError(f"data.path {str(d.path)!r} does not exist; run `fedumm data synth --out {d.path}`")
+            raise ConfigError(
+                f"data.path {str(d.path)!r} does not exist; run `fedumm data synth --out {d.path}`"
+            )
         log.info("synthesizing the world into %s", d.path)
         synthesize(d.path, seed=cfg.seed, images=d.synth_images)
     train = load_split(d.path, d.train_split)
@@ -95,7 +97,9 @@ def client_splits(cfg: Config, train: Sequence, partition: Partition) -> dict[st
     out = {}
     for name, qids in partition.clients.items():
         samples = [by_id[q] for q in qids]
-        out[name] = split_local_val(samples, cfg.train.local_val_fraction, derive_seed(cfg.seed, "local-val", name))
+        out[name] = split_local_val(
+            samples, cfg.train.local_val_fraction, derive_seed(cfg.seed, "local-val", name)
+        )
     return out
 
 
@@ -137,10 +141,14 @@ def load_client(cfg: Config, partition_path: str | Path, client: str) -> tuple[J
     data = load_data(cfg, eval_splits=False)
     part = load_partition(partition_path)
     if client not in part.clients:
-        raise ConfigError(f"client {client!r} is not in {partition_path} (clients: {', '.join(part.clients)})")
+        raise ConfigError(
+            f"client {client!r} is not in {partition_path} (clients: {', '.join(part.clients)})"
+        )
     by_id = {s.question_id: s for s in data.train}
     samples = [by_id[q] for q in part.clients[client]]
-    train, val = split_local_val(samples, cfg.train.local_val_fraction, derive_seed(cfg.seed, "local-val", client))
+    train, val = split_local_val(
+        samples, cfg.train.local_val_fraction, derive_seed(cfg.seed, "local-val", client)
+    )
     family, _ = build_family(cfg)
     return family, train, val
 

@@ -32,10 +32,10 @@ class PretrainSpec:
     """Pretraining settings; the defaults reproduce the shipped checkpoint."""
 
     seed: int = 0
-    epochs: int = 8
+    epochs: int = 16
     batch_size: int = 32
-    lr: float = 2e-3
-    warmup_steps: int = 100
+    lr: float = 1e-3
+    warmup_steps: int = 200
     weight_decay: float = 0.01
     max_eval_questions: int = 600
     threads: int | None = None
@@ -93,7 +93,9 @@ def pretrain(
             sched.step()
             step += 1
             losses.append(float(loss.detach()))
-            progress.update("pretrain", step, f"pretraining (loss {sum(losses[-50:]) / len(losses[-50:]):.3f})")
+            progress.update(
+                "pretrain", step, f"pretraining (loss {sum(losses[-50:]) / len(losses[-50:]):.3f})"
+            )
     progress.finish("pretrain")
     model.eval()
     public_eval = load_split(data_dir, "public")[: spec.max_eval_questions]

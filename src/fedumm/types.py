@@ -73,7 +73,9 @@ def validate_update(update: ClientUpdate, reference: AdapterState) -> None:
         if not isinstance(t, torch.Tensor):
             raise InvalidUpdate(f"client {cid!r}: {key} is {type(t).__name__}, not a tensor")
         if t.shape != ref.shape:
-            raise InvalidUpdate(f"client {cid!r}: {key} has shape {tuple(t.shape)}, expected {tuple(ref.shape)}")
+            raise InvalidUpdate(
+                f"client {cid!r}: {key} has shape {tuple(t.shape)}, expected {tuple(ref.shape)}"
+            )
         if not t.is_floating_point():
             raise InvalidUpdate(f"client {cid!r}: {key} has dtype {t.dtype}, expected a float dtype")
         if not bool(torch.isfinite(t).all()):

@@ -21,7 +21,9 @@ __all__ = ["pack_state", "unpack_state", "pack_update", "unpack_update", "WireUp
 
 def pack_state(state: AdapterState, metadata: Mapping[str, str] | None = None) -> bytes:
     """Serialise a state (sorted keys, contiguous CPU tensors) with optional string metadata."""
-    return save({k: state[k].detach().cpu().contiguous() for k in sorted(state)}, metadata=dict(metadata or {}))
+    return save(
+        {k: state[k].detach().cpu().contiguous() for k in sorted(state)}, metadata=dict(metadata or {})
+    )
 
 
 def unpack_state(payload: bytes, *, sender: str = "peer") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -45,7 +47,9 @@ def pack_update(update: ClientUpdate, *, codec: str = "none") -> bytes:
         "client_id": update.client_id,
         "num_examples": json.dumps(update.num_examples),
         "metrics": json.dumps(dict(update.metrics)),
-        "group_examples": json.dumps(dict(update.group_examples) if update.group_examples is not None else None),
+        "group_examples": json.dumps(
+            dict(update.group_examples) if update.group_examples is not None else None
+        ),
     }
     return pack_state(update.state, meta)
 

@@ -27,7 +27,10 @@ def updates(states, ns, scores):
 
 def rand_state(seed):
     g = torch.Generator().manual_seed(seed)
-    return {"m.lora_A.weight": torch.randn(4, 8, generator=g), "m.lora_B.weight": torch.randn(8, 4, generator=g)}
+    return {
+        "m.lora_A.weight": torch.randn(4, 8, generator=g),
+        "m.lora_B.weight": torch.randn(8, 4, generator=g),
+    }
 
 
 def client_state(name, seed, global_state):
@@ -45,7 +48,9 @@ def test_identical_clients_are_a_fixed_point(name):
     kind = STRATEGIES.get(name).fixed_point
     g = rand_state(1)
     s = {k: v.clone() for k, v in g.items()} if kind == "global" else client_state(name, 0, g)
-    out = make_strategy(name).aggregate(global_state=g, updates=updates([s, s, s], [3, 5, 7], [0.2, 0.5, 0.9]))
+    out = make_strategy(name).aggregate(
+        global_state=g, updates=updates([s, s, s], [3, 5, 7], [0.2, 0.5, 0.9])
+    )
     if kind == "product":
         assert torch.allclose(product(out), product(s), atol=1e-5)
     else:

@@ -37,11 +37,15 @@ def test_eval_vqa_matches_library(tiny_world, tmp_path):
     a = tiny_world / "v2_mscoco_val_annotations.json"
     anns = json.loads(a.read_text())["annotations"]
     # answer half right (the first annotator's raw answer), half wrong
-    results = [{"question_id": x["question_id"], "answer": x["answers"][0]["answer"] if i % 2 else "zebra"}
-               for i, x in enumerate(anns)]
+    results = [
+        {"question_id": x["question_id"], "answer": x["answers"][0]["answer"] if i % 2 else "zebra"}
+        for i, x in enumerate(anns)
+    ]
     r = tmp_path / "results.json"
     r.write_text(json.dumps(results))
-    res = runner.invoke(app, ["eval", "vqa", "--questions", str(q), "--annotations", str(a), "--results", str(r)])
+    res = runner.invoke(
+        app, ["eval", "vqa", "--questions", str(q), "--annotations", str(a), "--results", str(r)]
+    )
     assert res.exit_code == 0, res.output
     out = json.loads(res.stdout)
     assert set(out) == {"overall", "perAnswerType", "perQuestionType"}
@@ -52,32 +56,76 @@ def test_eval_vqa_matches_library(tiny_world, tmp_path):
 def test_eval_vqa_bad_results_exit_2(tiny_world, tmp_path):
     r = tmp_path / "results.json"
     r.write_text('[{"question_id": 1, "answer": "yes"}]')
-    res = runner.invoke(app, ["eval", "vqa", "--questions", str(tiny_world / "v2_OpenEnded_mscoco_val_questions.json"),
-                              "--annotations", str(tiny_world / "v2_mscoco_val_annotations.json"), "--results", str(r)])
+    res = runner.invoke(
+        app,
+        [
+            "eval",
+            "vqa",
+            "--questions",
+            str(tiny_world / "v2_OpenEnded_mscoco_val_questions.json"),
+            "--annotations",
+            str(tiny_world / "v2_mscoco_val_annotations.json"),
+            "--results",
+            str(r),
+        ],
+    )
     assert res.exit_code == 2 and "error" in res.output
 
 
 def test_partition_command_writes_json_and_heatmap(tiny_world, tmp_path):
     out = tmp_path / "p.json"
-    res = runner.invoke(app, ["partition", "--data", str(tiny_world), "--clients", "4", "--alpha", "0.5",
-                              "--seed", "1", "--out", str(out)])
+    res = runner.invoke(
+        app,
+        [
+            "partition",
+            "--data",
+            str(tiny_world),
+            "--clients",
+            "4",
+            "--alpha",
+            "0.5",
+            "--seed",
+            "1",
+            "--out",
+            str(out),
+        ],
+    )
     assert res.exit_code == 0, res.output
     data = json.loads(out.read_text())
     ids = [q for c in data["clients"].values() for q in c["question_ids"]]
-    questions = json.loads((tiny_world / "v2_OpenEnded_mscoco_private_questions.json").read_text())["questions"]
+    questions = json.loads((tiny_world / "v2_OpenEnded_mscoco_private_questions.json").read_text())[
+        "questions"
+    ]
     assert sorted(ids) == sorted(q["question_id"] for q in questions)  # nothing lost or duplicated
     assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_data_synth_command(tmp_path):
-    res = runner.invoke(app, ["data", "synth", "--out", str(tmp_path / "w"), "--images", "public=2",
-                              "--images", "private=2", "--images", "val=1", "--images", "test=1"])
+    res = runner.invoke(
+        app,
+        [
+            "data",
+            "synth",
+            "--out",
+            str(tmp_path / "w"),
+            "--images",
+            "public=2",
+            "--images",
+            "private=2",
+            "--images",
+            "val=1",
+            "--images",
+            "test=1",
+        ],
+    )
     assert res.exit_code == 0, res.output
     assert (tmp_path / "w" / "v2_mscoco_private_annotations.json").is_file()
 
 
 def test_comm_counts_from_shipped_config():
-    res = runner.invoke(app, ["comm", "--model-config", "configs/models/Qwen2.5-VL-3B-Instruct.json", "--json"])
+    res = runner.invoke(
+        app, ["comm", "--model-config", "configs/models/Qwen2.5-VL-3B-Instruct.json", "--json"]
+    )
     assert res.exit_code == 0, res.output
     out = json.loads(res.stdout)
     assert out["lora_params"] < out["full_params"] / 100
@@ -102,8 +150,9 @@ def test_eval_geneval_on_ground_truth_renders(tmp_path):
     (tmp_path / "imgs").mkdir()
     for p in prompts:
         render_scene(render_prompt(p, rng)).save(tmp_path / "imgs" / image_name(p.index, 0))
-    res = runner.invoke(app, ["eval", "geneval", "--metadata", str(tmp_path / "m.jsonl"), "--images",
-                              str(tmp_path / "imgs")])
+    res = runner.invoke(
+        app, ["eval", "geneval", "--metadata", str(tmp_path / "m.jsonl"), "--images", str(tmp_path / "imgs")]
+    )
     assert res.exit_code == 0, res.output
     out = json.loads(res.stdout)
     assert out["overall"] == 1.0 and len(out["tags"]) == 6

@@ -47,8 +47,16 @@ def finished_run(tmp_path_factory, tiny_world, tiny_checkpoint):
 
 def test_run_directory_contents(finished_run):
     _, out, summary = finished_run
-    for name in ("config.yaml", "metrics.jsonl", "partition.json", "partition.png", "accuracy_per_round.png",
-                 "summary.json", "global_adapter/adapter_model.safetensors", "global_adapter/adapter_config.json"):
+    for name in (
+        "config.yaml",
+        "metrics.jsonl",
+        "partition.json",
+        "partition.png",
+        "accuracy_per_round.png",
+        "summary.json",
+        "global_adapter/adapter_model.safetensors",
+        "global_adapter/adapter_config.json",
+    ):
         assert (out / name).is_file(), name
     assert summary["status"] == "finished"
     for key in ("zero_shot", "centralized", "federated"):

@@ -12,8 +12,12 @@ from fedumm.types import ClientUpdate
 
 
 def upd(cid, a, n, **metrics):
-    return ClientUpdate(client_id=cid, state={"a": torch.tensor(a), "b": torch.tensor([a[0] * 2])}, num_examples=n,
-                        metrics=metrics)
+    return ClientUpdate(
+        client_id=cid,
+        state={"a": torch.tensor(a), "b": torch.tensor([a[0] * 2])},
+        num_examples=n,
+        metrics=metrics,
+    )
 
 
 def test_weighted_mean_hand_computed():
@@ -57,7 +61,9 @@ def test_quality_factors_reject_bad_scores(bad):
 
 def test_fedavg_weights_by_examples():
     g = {"a": torch.zeros(2), "b": torch.zeros(1)}
-    out = make_strategy("fedavg").aggregate(global_state=g, updates=[upd("x", [1.0, 0.0], 10), upd("y", [4.0, 8.0], 30)])
+    out = make_strategy("fedavg").aggregate(
+        global_state=g, updates=[upd("x", [1.0, 0.0], 10), upd("y", [4.0, 8.0], 30)]
+    )
     # a = (10*[1,0] + 30*[4,8]) / 40 = [3.25, 6.0]
     assert torch.allclose(out["a"], torch.tensor([3.25, 6.0]))
     assert torch.allclose(out["b"], torch.tensor([6.5]))
@@ -65,8 +71,11 @@ def test_fedavg_weights_by_examples():
 
 def test_quality_weighted_hand_computed():
     g = {"a": torch.zeros(2), "b": torch.zeros(1)}
-    ups = [upd("x", [1.0, 0.0], 10, val_score=0.2), upd("y", [4.0, 8.0], 30, val_score=0.4),
-           upd("z", [0.0, 0.0], 20, val_score=0.8)]
+    ups = [
+        upd("x", [1.0, 0.0], 10, val_score=0.2),
+        upd("y", [4.0, 8.0], 30, val_score=0.4),
+        upd("z", [0.0, 0.0], 20, val_score=0.8),
+    ]
     out = make_strategy("quality_weighted", cap=2.0).aggregate(global_state=g, updates=ups)
     # q = 0.5, 1, 2 -> w = 5, 30, 40 (sum 75) ; a = (5*[1,0] + 30*[4,8]) / 75
     assert torch.allclose(out["a"], torch.tensor([125 / 75, 240 / 75]))
@@ -89,18 +98,32 @@ def test_quality_weighted_requires_score():
 
 def test_per_group_weights_skip_clients_without_the_group():
     g = {"vis.a": torch.tensor([9.0]), "lang.a": torch.tensor([9.0])}
-    u1 = ClientUpdate(client_id="u1", state={"vis.a": torch.tensor([2.0]), "lang.a": torch.tensor([2.0])},
-                      num_examples=10, group_examples={"vis": 10, "lang": 10})
-    u2 = ClientUpdate(client_id="u2", state={"vis.a": torch.tensor([100.0]), "lang.a": torch.tensor([4.0])},
-                      num_examples=30, group_examples={"vis": 0, "lang": 30})
-    out = make_strategy("fedavg").aggregate(global_state=g, updates=[u1, u2], group_of=lambda k: k.split(".")[0])
+    u1 = ClientUpdate(
+        client_id="u1",
+        state={"vis.a": torch.tensor([2.0]), "lang.a": torch.tensor([2.0])},
+        num_examples=10,
+        group_examples={"vis": 10, "lang": 10},
+    )
+    u2 = ClientUpdate(
+        client_id="u2",
+        state={"vis.a": torch.tensor([100.0]), "lang.a": torch.tensor([4.0])},
+        num_examples=30,
+        group_examples={"vis": 0, "lang": 30},
+    )
+    out = make_strategy("fedavg").aggregate(
+        global_state=g, updates=[u1, u2], group_of=lambda k: k.split(".")[0]
+    )
     assert float(out["vis.a"]) == 2.0  # only u1 trained vision
     assert float(out["lang.a"]) == pytest.approx((10 * 2 + 30 * 4) / 40)
 
 
 def test_group_nobody_trained_keeps_global():
     g = {"vis.a": torch.tensor([9.0]), "lang.a": torch.tensor([9.0])}
-    u = ClientUpdate(client_id="u", state={"vis.a": torch.tensor([1.0]), "lang.a": torch.tensor([1.0])},
-                     num_examples=5, group_examples={"vis": 0, "lang": 5})
+    u = ClientUpdate(
+        client_id="u",
+        state={"vis.a": torch.tensor([1.0]), "lang.a": torch.tensor([1.0])},
+        num_examples=5,
+        group_examples={"vis": 0, "lang": 5},
+    )
     out = make_strategy("fedavg").aggregate(global_state=g, updates=[u], group_of=lambda k: k.split(".")[0])
     assert float(out["vis.a"]) == 9.0 and float(out["lang.a"]) == 1.0

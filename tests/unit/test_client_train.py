@@ -53,9 +53,17 @@ def test_fedprox_term_keeps_weights_closer(fam_and_data):
 def test_ffa_lora_keeps_a_frozen_and_restores_trainability(fam_and_data):
     fam, data = fam_and_data
     start = get_adapter_state(fam.model)
-    upd = run_client_round(fam, client_id="site-01", global_state=start, train_samples=data, val_samples=data[:4],
-                           spec=TrainSpec(batch_size=8, lr=0.01), base_seed=0, rnd=1,
-                           frozen_suffixes=("lora_A.weight",))
+    upd = run_client_round(
+        fam,
+        client_id="site-01",
+        global_state=start,
+        train_samples=data,
+        val_samples=data[:4],
+        spec=TrainSpec(batch_size=8, lr=0.01),
+        base_seed=0,
+        rnd=1,
+        frozen_suffixes=("lora_A.weight",),
+    )
     assert all(torch.equal(upd.state[k], start[k]) for k in start if k.endswith("lora_A.weight"))
     assert any(not torch.equal(upd.state[k], start[k]) for k in start if k.endswith("lora_B.weight"))
     assert all(p.requires_grad for n, p in fam.model.named_parameters() if "lora_A" in n)

@@ -13,8 +13,12 @@ REF = {"x.lora_A.weight": torch.zeros(2, 3), "x.lora_B.weight": torch.zeros(3, 2
 
 
 def make(**kw):
-    base = dict(client_id="site-01", state={k: torch.ones_like(v) for k, v in REF.items()}, num_examples=4,
-                metrics={"val_score": 0.5})
+    base = dict(
+        client_id="site-01",
+        state={k: torch.ones_like(v) for k, v in REF.items()},
+        num_examples=4,
+        metrics={"val_score": 0.5},
+    )
     base.update(kw)
     return ClientUpdate(**base)
 
@@ -29,7 +33,9 @@ def test_rejects_wrong_keys_shapes_and_values():
     with pytest.raises(InvalidUpdate, match="keys differ"):
         validate_update(make(state={"x.lora_A.weight": torch.zeros(2, 3)}), REF)
     with pytest.raises(InvalidUpdate, match="shape"):
-        validate_update(make(state={"x.lora_A.weight": torch.zeros(3, 3), "x.lora_B.weight": torch.zeros(3, 2)}), REF)
+        validate_update(
+            make(state={"x.lora_A.weight": torch.zeros(3, 3), "x.lora_B.weight": torch.zeros(3, 2)}), REF
+        )
     bad = {k: v.clone() for k, v in REF.items()}
     bad["x.lora_B.weight"][0, 0] = math.nan
     with pytest.raises(InvalidUpdate, match="NaN"):

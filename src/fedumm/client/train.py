@@ -104,7 +104,9 @@ def train_local(
     return TrainResult(loss=mean_loss, steps=step, examples=len(samples))
 
 
-def evaluate_vqa(family, samples: Sequence, *, batch_size: int = 64, progress: Progress | None = None) -> float:
+def evaluate_vqa(
+    family, samples: Sequence, *, batch_size: int = 64, progress: Progress | None = None
+) -> float:
     """Official VQA accuracy (percent, 2 decimals) of the current model on ``samples``."""
     if not samples:
         raise ConfigError("evaluate_vqa: no evaluation samples")
@@ -151,7 +153,9 @@ def run_client_round(
     """
     set_adapter_state_(family.model, global_state)
     toggled = [
-        p for k, p in adapter_param_map(family.model).items() if frozen_suffixes and k.endswith(frozen_suffixes)
+        p
+        for k, p in adapter_param_map(family.model).items()
+        if frozen_suffixes and k.endswith(frozen_suffixes)
     ]
     toggled = [p for p in toggled if p.requires_grad]
     for p in toggled:

@@ -34,7 +34,9 @@ def normalize_weights(weights: Sequence[float]) -> list[float]:
     return [w / total for w in ws]
 
 
-def weighted_mean(states: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float]) -> dict[str, torch.Tensor]:
+def weighted_mean(
+    states: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float]
+) -> dict[str, torch.Tensor]:
     """Weighted mean of states key by key, accumulated in float64, returned in each key's dtype."""
     if len(states) != len(weights):
         raise InvalidUpdate(f"{len(states)} states but {len(weights)} weights")

@@ -93,11 +93,15 @@ class JanusFamily:
 
     # ---- loading ---------------------------------------------------------------------------------
     @classmethod
-    def from_pretrained(cls, path: str | Path | None = None, *, device: str = "cpu", **kwargs: Any) -> JanusFamily:
+    def from_pretrained(
+        cls, path: str | Path | None = None, *, device: str = "cpu", **kwargs: Any
+    ) -> JanusFamily:
         """Load a local HF Janus directory (None: the built-in tiny checkpoint); no downloads."""
         path = Path(path) if path else BUILTIN_PATH
         if not (path / "config.json").is_file():
-            hint = " (run `fedumm pretrain` to rebuild the built-in checkpoint)" if path == BUILTIN_PATH else ""
+            hint = (
+                " (run `fedumm pretrain` to rebuild the built-in checkpoint)" if path == BUILTIN_PATH else ""
+            )
             raise ConfigError(f"model.path {str(path)!r} holds no HF checkpoint (config.json missing){hint}")
         model = JanusForConditionalGeneration.from_pretrained(path, local_files_only=True)
         processor = JanusProcessor.from_pretrained(path, local_files_only=True)
@@ -123,7 +127,9 @@ class JanusFamily:
         self.model = attach_lora(self.base, spec=spec, target=self.lora_target(spec), seed=seed)
         n = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         if n == 0:
-            raise ConfigError(f"LoRA matched no module for groups {spec.groups} and targets {spec.target_modules}")
+            raise ConfigError(
+                f"LoRA matched no module for groups {spec.groups} and targets {spec.target_modules}"
+            )
         return self.model
 
     @staticmethod
@@ -145,7 +151,9 @@ class JanusFamily:
         # the processor expands each image token to boi + N image tokens + eoi
         enc = self.processor(text=prompts, images=imgs, return_tensors="pt", padding=True)
         pixel_values = enc["pixel_values"]  # (B, 3, H, W)
-        prompt_ids = [row[m.bool()].tolist() for row, m in zip(enc["input_ids"], enc["attention_mask"], strict=True)]
+        prompt_ids = [
+            row[m.bool()].tolist() for row, m in zip(enc["input_ids"], enc["attention_mask"], strict=True)
+        ]
         eos = self.tokenizer.eos_token_id
         pad = self.tokenizer.pad_token_id
         seqs, labels = [], []
@@ -153,7 +161,9 @@ class JanusFamily:
             ids = list(ids)
             lab = [-100] * len(ids)
             if with_answers:
-                ans = self.tokenizer(" " + s.multiple_choice_answer, add_special_tokens=False)["input_ids"] + [eos]
+                ans = self.tokenizer(" " + s.multiple_choice_answer, add_special_tokens=False)[
+                    "input_ids"
+                ] + [eos]
                 ids += ans
                 lab += ans
             seqs.append(ids)

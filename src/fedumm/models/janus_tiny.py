@@ -22,9 +22,24 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-__all__ = ["SPECIAL_TOKENS", "IMAGE_SIZE", "NUM_IMAGE_TOKENS", "build_tokenizer", "build_processor", "build_tiny_janus"]
+__all__ = [
+    "SPECIAL_TOKENS",
+    "IMAGE_SIZE",
+    "NUM_IMAGE_TOKENS",
+    "build_tokenizer",
+    "build_processor",
+    "build_tiny_janus",
+]
 
-SPECIAL_TOKENS = ("<pad>", "<unk>", "<bos>", "<eos>", "<image_placeholder>", "<begin_of_image>", "<end_of_image>")
+SPECIAL_TOKENS = (
+    "<pad>",
+    "<unk>",
+    "<bos>",
+    "<eos>",
+    "<image_placeholder>",
+    "<begin_of_image>",
+    "<end_of_image>",
+)
 IMAGE_SIZE = 64
 PATCH_SIZE = 16
 NUM_IMAGE_TOKENS = (IMAGE_SIZE // PATCH_SIZE) ** 2  # 16 understanding tokens (4x4 patches of 16 px)
@@ -37,7 +52,9 @@ def build_tokenizer(words: Sequence[str]) -> PreTrainedTokenizerFast:
         vocab[w] = len(vocab)
     core = Tokenizer(WordLevel(vocab=vocab, unk_token="<unk>"))
     core.normalizer = normalizers.Lowercase()
-    core.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    core.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()]
+    )
     core.post_processor = processors.TemplateProcessing(
         single="<bos> $A", pair="<bos> $A $B", special_tokens=[("<bos>", vocab["<bos>"])]
     )
@@ -66,7 +83,9 @@ def build_processor(tokenizer: PreTrainedTokenizerFast) -> JanusProcessor:
     )
 
 
-def build_tiny_janus(tokenizer: PreTrainedTokenizerFast, *, codebook_size: int = 512) -> JanusForConditionalGeneration:
+def build_tiny_janus(
+    tokenizer: PreTrainedTokenizerFast, *, codebook_size: int = 512
+) -> JanusForConditionalGeneration:
     """A freshly initialised tiny Janus sized for 2 CPU cores (about 2M parameters, 8 MB in fp32)."""
     ids = tokenizer.convert_tokens_to_ids
     text = LlamaConfig(
@@ -105,5 +124,7 @@ def build_tiny_janus(tokenizer: PreTrainedTokenizerFast, *, codebook_size: int =
         num_hidden_layers=2,
         num_patches=8,
     )
-    config = JanusConfig(text_config=text, vision_config=vision, vq_config=vq, image_token_id=ids("<image_placeholder>"))
+    config = JanusConfig(
+        text_config=text, vision_config=vision, vq_config=vq, image_token_id=ids("<image_placeholder>")
+    )
     return JanusForConditionalGeneration(config)

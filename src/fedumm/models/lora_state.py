@@ -10,7 +10,13 @@ from peft import PeftModel, get_peft_model_state_dict
 
 from fedumm.errors import AdapterStateError
 
-__all__ = ["get_adapter_state", "set_adapter_state_", "adapter_param_map", "state_num_bytes", "state_num_params"]
+__all__ = [
+    "get_adapter_state",
+    "set_adapter_state_",
+    "adapter_param_map",
+    "state_num_bytes",
+    "state_num_params",
+]
 
 
 def adapter_param_map(model: PeftModel, adapter_name: str = "default") -> dict[str, torch.nn.Parameter]:
@@ -35,7 +41,9 @@ def adapter_param_map(model: PeftModel, adapter_name: str = "default") -> dict[s
 
 def get_adapter_state(model: PeftModel, adapter_name: str = "default") -> dict[str, torch.Tensor]:
     """Return the adapter as sorted canonical keys -> detached CPU clones (never live storage)."""
-    return {k: p.detach().to("cpu", copy=True).clone() for k, p in adapter_param_map(model, adapter_name).items()}
+    return {
+        k: p.detach().to("cpu", copy=True).clone() for k, p in adapter_param_map(model, adapter_name).items()
+    }
 
 
 def set_adapter_state_(
@@ -52,7 +60,9 @@ def set_adapter_state_(
         if not isinstance(value, torch.Tensor):
             raise AdapterStateError(f"{key}: expected a tensor, got {type(value).__name__}")
         if tuple(value.shape) != tuple(param.shape):
-            raise AdapterStateError(f"{key}: shape {tuple(value.shape)} does not match the model's {tuple(param.shape)}")
+            raise AdapterStateError(
+                f"{key}: shape {tuple(value.shape)} does not match the model's {tuple(param.shape)}"
+            )
     with torch.no_grad():
         for key, param in params.items():
             param.copy_(state[key].to(param.device, param.dtype))

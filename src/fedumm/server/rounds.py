@@ -56,7 +56,9 @@ class RoundLoop:
         state = dict(initial_state)
         for rnd in range(start_round, self.num_rounds + 1):
             t0 = time.perf_counter()
-            chosen = sample_clients(list(self.clients), self.sample_fraction, derive_seed(self.seed, "sample", "", rnd))
+            chosen = sample_clients(
+                list(self.clients), self.sample_fraction, derive_seed(self.seed, "sample", "", rnd)
+            )
             outcome = self.engine.run_round(rnd, chosen, state)
             accepted, dropped = [], list(outcome.dropped)
             for u in outcome.updates:
@@ -80,7 +82,9 @@ class RoundLoop:
                 clients=tuple(u.client_id for u in accepted),
                 dropped=tuple(sorted(dropped)),
                 global_metrics=global_metrics,
-                client_metrics={u.client_id: dict(u.metrics) | {"num_examples": u.num_examples} for u in accepted},
+                client_metrics={
+                    u.client_id: dict(u.metrics) | {"num_examples": u.num_examples} for u in accepted
+                },
                 bytes_up=dict(outcome.bytes_up),
                 bytes_down=dict(outcome.bytes_down),
                 wall_time_s=time.perf_counter() - t0,

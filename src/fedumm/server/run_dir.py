@@ -35,7 +35,9 @@ class RunDir:
     def create(self, config_yaml: str, *, resume: bool = False) -> None:
         """Create the directory; refuse to overwrite another run unless resuming."""
         if self.metrics.exists() and not resume:
-            raise ConfigError(f"{self.path} already holds a run (metrics.jsonl); use --resume or another --out")
+            raise ConfigError(
+                f"{self.path} already holds a run (metrics.jsonl); use --resume or another --out"
+            )
         self.path.mkdir(parents=True, exist_ok=True)
         atomic_write_text(self.path / "config.yaml", config_yaml)
 
@@ -74,7 +76,11 @@ class RunDir:
         """Latest good round: falls back to the previous round when the latest files are corrupt."""
         d = self.checkpoint_dir
         rounds = sorted(
-            {int(p.stem.split("-")[1]) for p in d.glob("round-*.safetensors") if p.stem.split("-")[1].isdigit()},
+            {
+                int(p.stem.split("-")[1])
+                for p in d.glob("round-*.safetensors")
+                if p.stem.split("-")[1].isdigit()
+            },
             reverse=True,
         )
         if not rounds:

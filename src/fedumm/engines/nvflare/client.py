@@ -113,7 +113,6 @@ def main(argv: Sequence[str] | None = None, *, script_dir: str | Path | None = N
 
     from fedumm.client.train import run_client_round
     from fedumm.experiment import train_spec
-
     from fedumm.fl.strategies import make_strategy
 
     spec = train_spec(cfg)

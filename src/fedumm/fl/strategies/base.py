@@ -44,7 +44,10 @@ class Strategy:
         raise NotImplementedError
 
     def combine(
-        self, global_part: Mapping[str, torch.Tensor], states: Sequence[Mapping[str, torch.Tensor]], weights: list[float]
+        self,
+        global_part: Mapping[str, torch.Tensor],
+        states: Sequence[Mapping[str, torch.Tensor]],
+        weights: list[float],
     ) -> dict[str, torch.Tensor]:
         """Combine the group's client tensors; default: weighted mean."""
         return weighted_mean(states, weights)
