@@ -56,6 +56,7 @@ __all__ = [
 
 BETA = 0.25  # commitment weight (HF's quantizer default)
 IGNORE = -100
+LOWPASS = 4  # pooling window of the optional low-pass reconstruction term
 
 
 # ---- helpers ---------------------------------------------------------------------------------------
@@ -190,13 +191,18 @@ def _usage(indices: torch.Tensor, num_codes: int) -> tuple[float, float]:
 
 
 def _vq_objective(
-    vq: torch.nn.Module, pixels: torch.Tensor
+    vq: torch.nn.Module, pixels: torch.Tensor, lowpass_weight: float = 0.0
 ) -> tuple[torch.Tensor, dict[str, float], dict[str, torch.Tensor]]:
     """Loss, float statistics and forward tensors of one VQ step on pixels (B, 3, H, W)."""
     out = _vq_forward(vq, pixels)
-    l1 = (out["recon"] - pixels).abs().mean()
-    l2 = F.mse_loss(out["recon"], pixels)
+    recon = out["recon"]
+    l1 = (recon - pixels).abs().mean()
+    l2 = F.mse_loss(recon, pixels)
     loss = l1 + l2 + out["codebook_loss"] + BETA * out["commit_loss"]
+    if lowpass_weight > 0.0:
+        # the same terms on 4x4-pooled pixels (B, 3, H/4, W/4): colour counts more than exact edges
+        pooled_r, pooled_p = F.avg_pool2d(recon, LOWPASS), F.avg_pool2d(pixels, LOWPASS)
+        loss = loss + lowpass_weight * ((pooled_r - pooled_p).abs().mean() + F.mse_loss(pooled_r, pooled_p))
     usage, perplexity = _usage(out["indices"], vq.quantize.num_embeddings)
     stats = {
         "loss": float(loss.detach()),
@@ -210,9 +216,11 @@ def _vq_objective(
     return loss, stats, out
 
 
-def vq_loss(model: torch.nn.Module, pixel_values: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+def vq_loss(
+    model: torch.nn.Module, pixel_values: torch.Tensor, *, lowpass_weight: float = 0.0
+) -> tuple[torch.Tensor, dict[str, float]]:
     """VQ loss on processor-normalised pixels (B, 3, H, W): L1 + L2 recon + codebook + beta * commit."""
-    loss, stats, _ = _vq_objective(_janus(model).model.vqmodel, pixel_values)
+    loss, stats, _ = _vq_objective(_janus(model).model.vqmodel, pixel_values, lowpass_weight)
     return loss, stats
 
 
@@ -253,6 +261,7 @@ def train_vq(
     warmup_steps: int = 20,
     reinit_dead_codes: bool = True,
     reinit_every: int = 25,
+    lowpass_weight: float = 0.0,
     progress: Progress | None = None,
 ) -> dict[str, Any]:
     """Train the VQ tokenizer alone on ``images`` with AdamW; returns the final statistics."""
@@ -292,7 +301,7 @@ def train_vq(
                 order += torch.randperm(len(data), generator=gen).tolist()
             idx, order = order[:batch_size], order[batch_size:]
             batch = data[idx].to(device)  # (B, 3, H, W)
-            loss, step_stats, out = _vq_objective(vq, batch)
+            loss, step_stats, out = _vq_objective(vq, batch, lowpass_weight)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)

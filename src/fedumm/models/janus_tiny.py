@@ -117,12 +117,14 @@ def build_tiny_janus(
         num_embeddings=codebook_size,
         latent_channels=32,
         base_channels=32,  # GroupNorm(32 groups) needs at least 32 channels
-        channel_multiplier=[1, 1, 2, 2],  # 64 px -> 8x8 latent grid = 64 image tokens
+        # 4 downsamplings: 64 px -> a 4x4 latent grid. HF Janus ties the generation grid to the
+        # understanding patch grid (vq num_patches = image_size // patch_size), so both are 4x4 = 16 tokens
+        channel_multiplier=[1, 1, 2, 2, 4],
         num_res_blocks=1,
         projection_dim=128,
         image_token_embed_dim=128,
         num_hidden_layers=2,
-        num_patches=8,
+        num_patches=IMAGE_SIZE // PATCH_SIZE,
     )
     config = JanusConfig(
         text_config=text, vision_config=vision, vq_config=vq, image_token_id=ids("<image_placeholder>")

@@ -1,0 +1,85 @@
+"""Peak memory against the number of clients K, for the in-process engine (and FLARE's simulator).
+
+Usage: .venv/bin/python benchmarks/memory_vs_clients.py configs/demo.yaml --clients 2 4 8 16 32 64 \
+           --engines inprocess --out runs/bench-memory
+
+Each (engine, K) runs one round (baselines off) in its own subprocess; the peak resident memory over
+the whole process tree is sampled with psutil. In process, memory should stay flat in K (one backbone,
+adapters swapped); FLARE's simulator runs a process per client.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+
+
+def peak_tree_rss(cmd: list[str]) -> tuple[int, float]:
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    ps = psutil.Process(proc.pid)
+    peak = 0
+    while proc.poll() is None:
+        total = 0
+        for p in [ps, *ps.children(recursive=True)]:
+            try:
+                total += p.memory_info().rss
+            except psutil.Error:
+                pass
+        peak = max(peak, total)
+        time.sleep(0.2)
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed: {proc.stderr.read()[-2000:]}")
+    return peak, time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("config", type=Path)
+    ap.add_argument("--clients", type=int, nargs="+", default=[2, 4, 8, 16, 32, 64])
+    ap.add_argument("--engines", nargs="+", default=["inprocess"])
+    ap.add_argument("--out", type=Path, default=Path("runs/bench-memory"))
+    args = ap.parse_args()
+    rows = []
+    for engine in args.engines:
+        for k in args.clients:
+            cmd = [
+                sys.executable,
+                "-m",
+                "fedumm.cli",
+                "run",
+                str(args.config),
+                "--out",
+                str(args.out / f"{engine}-K{k}"),
+                "--overwrite",
+                "--set",
+                f"engine={engine}",
+                "--set",
+                f"federation.clients={k}",
+                "--set",
+                "federation.rounds=1",
+                "--set",
+                "federation.min_partition_size=4",
+                "--set",
+                "baselines.zero_shot=false",
+                "--set",
+                "baselines.centralized=false",
+            ]
+            peak, wall = peak_tree_rss(cmd)
+            rows.append({"engine": engine, "clients": k, "peak_rss_bytes": peak, "wall_s": wall})
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "results.json").write_text(json.dumps(rows, indent=2))
+    print("| engine | K | peak RSS, all processes (MiB) | wall (s) |")
+    print("|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['engine']} | {r['clients']} | {r['peak_rss_bytes'] / 2**20:.0f} | {r['wall_s']:.1f} |")
+
+
+if __name__ == "__main__":
+    main()
