@@ -103,11 +103,20 @@ def test_golden_numbers(finished_run):
     ckpt = load_file(str(out / "checkpoint" / "round-0002.safetensors"))
     checksum = sum(float(v.double().abs().sum()) for v in ckpt.values())
     assert checksum == pytest.approx(GOLDEN["checksum"], rel=1e-4)
-    assert summary["zero_shot"]["vqa_accuracy"] == pytest.approx(GOLDEN["zero_shot"], abs=0.01)
-    assert summary["federated"]["vqa_accuracy"] == pytest.approx(GOLDEN["federated"], abs=1.0)
+    rounds = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    losses = [[r["client_metrics"][c]["train_loss"] for c in ("site-01", "site-02")] for r in rounds]
+    assert losses == pytest.approx(GOLDEN["train_losses"], rel=1e-4)
+    assert [r["client_metrics"]["site-01"]["num_examples"] for r in rounds] == [74, 74]
+    # the randomly initialised backbone cannot answer yet: 0 is the honest accuracy of both
+    assert summary["zero_shot"]["vqa_accuracy"] == GOLDEN["zero_shot"]
 
 
-GOLDEN = {"checksum": 0.0, "zero_shot": 0.0, "federated": 0.0}
+# from a run on a 2-core x86_64 CPU, torch 2.13.0+cpu (seed 0, tests/conftest.py fixtures)
+GOLDEN = {
+    "checksum": 569.4370155310329,
+    "train_losses": [[3.262726378440857, 3.566055679321289], [2.9914210557937624, 3.087380599975586]],
+    "zero_shot": 0.0,
+}
 
 
 def test_interrupted_then_resumed_is_bit_identical(finished_run, tmp_path):

@@ -1,0 +1,357 @@
+"""Sweeps (expansion, shared baselines, resume, skip) and reports (tables match summaries, PNGs)."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+import fedumm.sweep as sweep_mod
+from fedumm.errors import ConfigError, DataError
+from fedumm.progress import NullProgress
+from fedumm.report import collect, write_report
+from fedumm.sweep import expand, load_sweep, run_sweep
+
+pytestmark = pytest.mark.integration
+
+PNG = b"\x89PNG\r\n\x1a\n"
+INTERRUPTED = "K2-a1.0-s0"
+
+
+def _tiny_tree(world: Path, checkpoint: Path) -> dict:
+    """The same run as conftest's tiny_config_tree (checked below), for a module-scoped sweep."""
+    return {
+        "name": "tiny",
+        "seed": 0,
+        "data": {"path": str(world)},
+        "model": {"path": str(checkpoint)},
+        "lora": {"rank": 4, "alpha": 8},
+        "train": {"batch_size": 8, "lr": 0.005, "eval_batch_size": 32},
+        "federation": {"clients": 2, "alpha": 0.5, "min_partition_size": 8, "rounds": 2},
+    }
+
+
+# Light cells: train on the 24 questions of the small val split, evaluate 6 test questions, 1 round.
+LIGHT = {
+    "data.train_split": "val",
+    "data.val_split": "test",
+    "data.max_val_questions": 6,
+    "data.max_test_questions": 6,
+    "federation.rounds": 1,
+}
+
+
+def _write_sweep(root: Path, tree: dict, grid: dict, **extra) -> Path:
+    (root / "base.yaml").write_text(yaml.safe_dump(tree))
+    path = root / "sweep.yaml"
+    path.write_text(yaml.safe_dump({"base": "base.yaml", "overrides": {**LIGHT}, "grid": grid, **extra}))
+    return path
+
+
+class Recorder(NullProgress):
+    """Remembers the sweep bar's descriptions; optionally raises Ctrl-C after a cell's first round."""
+
+    def __init__(self, interrupt: str | None = None) -> None:
+        self.interrupt = interrupt
+        self.current = ""
+        self.descriptions: list[str] = []
+
+    def start(self, key, description, total):
+        if key == "sweep":
+            self.descriptions.append(description)
+
+    def update(self, key, completed, description=None):
+        if key == "sweep" and description:
+            self.descriptions.append(description)
+            self.current = description
+        if key == "rounds" and completed == 1 and self.interrupt and f": {self.interrupt} (" in self.current:
+            raise KeyboardInterrupt
+
+
+def _mtimes(out: Path) -> dict[str, int]:
+    return {p.parent.name: p.stat().st_mtime_ns for p in sorted(out.glob("*/summary.json"))}
+
+
+@pytest.fixture(scope="module")
+def swept(tmp_path_factory, tiny_world, tiny_checkpoint):
+    """Run a 2-cell sweep: interrupted in its last cell, resumed, then re-run with nothing to do."""
+    root = tmp_path_factory.mktemp("sweep")
+    sweep_file = _write_sweep(
+        root,
+        _tiny_tree(tiny_world, tiny_checkpoint),
+        {"federation.clients": [2], "federation.alpha": [0.5, 1.0]},
+    )
+    out = root / "out"
+    spec = load_sweep(sweep_file)
+    calls: list[tuple[str, bool]] = []
+    resumed: list[str] = []
+    real_run, real_resume = sweep_mod.run_experiment, sweep_mod.resume_experiment
+
+    def spy_run(cfg, out_dir, **kw):
+        calls.append((cfg.name, cfg.baselines.centralized))
+        return real_run(cfg, out_dir, **kw)
+
+    def spy_resume(out_dir, **kw):
+        resumed.append(Path(out_dir).name)
+        return real_resume(out_dir, **kw)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(sweep_mod, "run_experiment", spy_run)
+        mp.setattr(sweep_mod, "resume_experiment", spy_resume)
+        with pytest.raises(KeyboardInterrupt):
+            run_sweep(spec, out, progress=Recorder(interrupt=INTERRUPTED))
+        after_interrupt = json.loads((out / "sweep.json").read_text())
+        first_calls = list(calls)
+        before_resume = _mtimes(out)
+        progress = Recorder()
+        results = run_sweep(spec, out, progress=progress)
+    return {
+        "root": root,
+        "sweep_file": sweep_file,
+        "out": out,
+        "spec": spec,
+        "after_interrupt": after_interrupt,
+        "first_calls": first_calls,
+        "second_calls": calls[len(first_calls) :],
+        "resumed": resumed,
+        "before_resume": before_resume,
+        "results": results,
+        "progress": progress,
+    }
+
+
+def test_module_base_is_the_shared_tiny_config(tiny_config_tree, tiny_world, tiny_checkpoint):
+    assert _tiny_tree(tiny_world, tiny_checkpoint) == tiny_config_tree
+
+
+def test_expand_names_groups_and_baseline_settings(tiny_config_tree, tmp_path):
+    spec = load_sweep(
+        _write_sweep(
+            tmp_path,
+            tiny_config_tree,
+            {
+                "federation.clients": [2, 3],
+                "federation.alpha": [0.1, 1.0],
+                "federation.strategy": ["fedavg", "quality_weighted"],
+                "seed": [0, 1],
+            },
+        )
+    )
+    cells = expand(spec)
+    assert [c.name for c in cells[:2]] == ["baselines-s0", "baselines-s1"]
+    fed = [c for c in cells if c.kind == "federated"]
+    assert len(fed) == 16 and fed[0].name == "K2-a0.1-fedavg-s0"
+    assert "K3-a1.0-quality_weighted-s1" in {c.name for c in fed}
+    assert all(c.baseline_cell == f"baselines-s{c.seed}" for c in fed)
+    assert all(not c.config.baselines.zero_shot and not c.config.baselines.centralized for c in fed)
+    assert all(c.config.name == c.name and c.config.seed == c.seed for c in cells)
+    base = cells[0].config
+    assert base.baselines.zero_shot and base.baselines.centralized
+    assert base.federation.rounds == 1  # the centralized epochs follow rounds x local_epochs
+    assert base.federation.sample_fraction == 0.5 and base.federation.min_clients == 1
+
+
+def test_bad_grid_value_fails_up_front_naming_the_cell(tiny_config_tree, tmp_path, monkeypatch):
+    def never(*a, **k):
+        raise AssertionError("nothing may run")
+
+    monkeypatch.setattr(sweep_mod, "run_experiment", never)
+    spec = load_sweep(_write_sweep(tmp_path, tiny_config_tree, {"federation.alpha": [0.5, -1]}))
+    with pytest.raises(ConfigError, match=r"cell a-1-s0: federation\.alpha: .*greater than or equal to 0"):
+        run_sweep(spec, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    spec = load_sweep(_write_sweep(tmp_path, tiny_config_tree, {"federation.clients": [2, 5]}))
+    with pytest.raises(ConfigError, match=r"cell K5-s0: federation.clients=5 x .* needs 40 .* has 24"):
+        expand(spec)
+    spec = load_sweep(_write_sweep(tmp_path, tiny_config_tree, {"federation.strategy_params.cap": [2.0]}))
+    with pytest.raises(ConfigError, match=r"cell cap2.0-s0: federation.strategy_params .* 'fedavg'"):
+        expand(spec)
+    bad_key = _write_sweep(tmp_path, tiny_config_tree, {"federation.alpah": [0.5]})
+    with pytest.raises(ConfigError, match=r"grid\.federation\.alpah: unknown key .*did you mean 'alpha'"):
+        load_sweep(bad_key)
+    bad_top = tmp_path / "top.yaml"
+    bad_top.write_text("base: base.yaml\ngrdi: {seed: [0]}\n")
+    with pytest.raises(ConfigError, match=r"grdi: unknown key \(did you mean 'grid'\?\)"):
+        load_sweep(bad_top)
+
+
+def test_sweep_runs_baselines_once_and_records_cells(swept):
+    assert swept["first_calls"] == [
+        ("baselines-s0", True),
+        ("K2-a0.5-s0", False),
+        ("K2-a1.0-s0", False),
+    ]
+    status = {c["name"]: c["status"] for c in swept["after_interrupt"]["cells"]}
+    assert status == {"baselines-s0": "finished", "K2-a0.5-s0": "finished", INTERRUPTED: "interrupted"}
+    index = json.loads((swept["out"] / "sweep.json").read_text())
+    assert [(c["name"], c["kind"], c["baseline_cell"], c["status"]) for c in index["cells"]] == [
+        ("baselines-s0", "baselines", None, "finished"),
+        ("K2-a0.5-s0", "federated", "baselines-s0", "finished"),
+        ("K2-a1.0-s0", "federated", "baselines-s0", "finished"),
+    ]
+    assert index["cells"][1]["settings"] == {"federation.clients": 2, "federation.alpha": 0.5}
+    base = json.loads((swept["out"] / "baselines-s0" / "summary.json").read_text())
+    for r in swept["results"]:
+        assert r.status == "finished" and r.summary["status"] == "finished"
+        assert r.zero_shot == base["zero_shot"] and r.centralized == base["centralized"]
+        if r.cell.kind == "federated":
+            assert r.summary["zero_shot"] is None and r.summary["centralized"] is None
+    assert any("ETA" in d for d in swept["progress"].descriptions)
+
+
+def test_rerun_resumes_the_interrupted_cell_and_skips_finished_ones(swept, monkeypatch):
+    assert swept["second_calls"] == [] and swept["resumed"] == [INTERRUPTED]
+    after = _mtimes(swept["out"])
+    assert {k: v for k, v in after.items() if k != INTERRUPTED} == {
+        k: v for k, v in swept["before_resume"].items() if k != INTERRUPTED
+    }
+    assert [r.skipped for r in swept["results"]] == [True, True, False]
+
+    def never(*a, **k):
+        raise AssertionError("a finished cell ran again")
+
+    monkeypatch.setattr(sweep_mod, "run_experiment", never)
+    monkeypatch.setattr(sweep_mod, "resume_experiment", never)
+    again = run_sweep(swept["spec"], swept["out"])
+    assert all(r.skipped and r.status == "finished" for r in again)
+    assert _mtimes(swept["out"]) == after
+
+
+def test_changed_config_is_refused_naming_the_cell(swept, tmp_path):
+    raw = yaml.safe_load(swept["sweep_file"].read_text())
+    raw["overrides"]["train.lr"] = 0.5
+    changed = swept["root"] / "changed.yaml"
+    changed.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError, match="cell baselines-s0: .* holds a run with another config"):
+        run_sweep(load_sweep(changed), swept["out"])
+
+
+def _md_table(md: str, after: str) -> list[list[str]]:
+    """Rows (header first) of the first markdown table after the line containing ``after``."""
+    lines = md.splitlines()
+    start = next(i for i, line in enumerate(lines) if after in line)
+    rows = []
+    for line in lines[start + 1 :]:
+        if line.startswith("|"):
+            rows.append([c.strip() for c in line.strip("|").split(" | ")])
+        elif rows:
+            break
+    return [rows[0], *rows[2:]]
+
+
+def test_report_tables_match_the_summaries(swept, tmp_path):
+    out = swept["out"]
+    results = collect([out])
+    assert [(r.clients, r.alpha, r.path.name) for r in results] == [
+        (2, 0.5, "K2-a0.5-s0"),
+        (2, 1.0, "K2-a1.0-s0"),
+    ]
+    md_path = write_report(results, tmp_path / "report")
+    md = md_path.read_text()
+    summaries = {p: json.loads((out / p / "summary.json").read_text()) for p in (INTERRUPTED, "K2-a0.5-s0")}
+    base = json.loads((out / "baselines-s0" / "summary.json").read_text())
+
+    table = _md_table(md, "Federated VQA accuracy (test split")
+    assert table[0] == ["K \\ alpha", "0.5", "1.0"]
+    rows = {r[0]: r[1:] for r in table[1:]}
+    fed = [summaries[n]["federated"]["vqa_accuracy"] for n in ("K2-a0.5-s0", INTERRUPTED)]
+    assert rows["2"] == [f"{v:.2f}" for v in fed]
+    assert rows["centralized"] == [f"{base['centralized']['vqa_accuracy']:.2f}"] * 2
+    assert rows["zero-shot"] == [f"{base['zero_shot']['vqa_accuracy']:.2f}"] * 2
+    central = base["centralized"]["vqa_accuracy"]
+    retention = _md_table(md, "Retention (federated / centralized")
+    expected = [f"{100 * v / central:.2f}" if central else "-" for v in fed]
+    assert retention[1] == ["2", *expected]
+
+    comm = _md_table(md, "Bytes per round as serialised")
+    assert comm[0][:2] == ["strategy", "K"]
+    (row,) = comm[1:]
+    total = max(s["bytes_up_per_round"] + s["bytes_down_per_round"] for s in summaries.values())
+    full = 2 * summaries[INTERRUPTED]["full_model_bytes"]
+    assert row[:2] == ["`fedavg`", "2"]
+    assert int(row[3].replace(",", "")) == total
+    assert int(row[4].replace(",", "")) == full and int(row[5].replace(",", "")) == 2 * full
+    assert float(row[6]) == pytest.approx(100 * (1 - total / (2 * full)), abs=1e-3)
+
+    assert "no GenEval results in these runs".lower() in md.lower()
+    links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
+    assert sorted(links) == ["curves-fedavg.png", "heatmap-fedavg.png"]
+    for link in links:
+        assert (md_path.parent / link).read_bytes().startswith(PNG)
+    again = write_report(collect([out / INTERRUPTED, out]), tmp_path / "again")
+    assert again.read_text().replace(str(out / INTERRUPTED), "X") == md.replace(str(out / INTERRUPTED), "X")
+
+
+def _fake_run(root: Path, name: str, *, k: int, alpha: float, seed: int, acc: float, central: float, **extra):
+    d = root / name
+    d.mkdir(parents=True)
+    cfg = {"seed": seed, "federation": {"clients": k, "alpha": alpha, "strategy": "fedavg"}}
+    (d / "config.yaml").write_text(yaml.safe_dump(cfg))
+    rounds = [
+        {
+            "round": r,
+            "clients": [f"site-{i:02d}" for i in range(1, k + 1)],
+            "global": {"vqa_accuracy": acc - 2 + r},
+            "bytes_up": {f"site-{i:02d}": 110 for i in range(1, k + 1)},
+            "bytes_down": {f"site-{i:02d}": 100 for i in range(1, k + 1)},
+        }
+        for r in (1, 2)
+    ]
+    (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rounds))
+    summary = {
+        "name": name,
+        "status": "finished",
+        "zero_shot": {"vqa_accuracy": 10.0, "val_vqa_accuracy": 11.0},
+        "centralized": {"vqa_accuracy": central, "val_vqa_accuracy": central},
+        "federated": {"vqa_accuracy": acc},
+        "bytes_up_per_round": 110 * k,
+        "bytes_down_per_round": 100 * k,
+        "full_model_bytes": 10_000,
+        "wall_time_s": 1.0,
+        **extra,
+    }
+    (d / "summary.json").write_text(json.dumps(summary))
+    return d
+
+
+def test_report_mean_std_over_seeds_and_geneval(tmp_path):
+    geneval = {"geneval": {"overall": 0.5, "tags": {"colors": 0.75, "counting": 0.25}}}
+    dirs = [
+        _fake_run(tmp_path, "a", k=2, alpha=0.1, seed=0, acc=40.0, central=50.0, **geneval),
+        _fake_run(tmp_path, "b", k=2, alpha=0.1, seed=1, acc=44.0, central=55.0),
+        _fake_run(tmp_path, "c", k=4, alpha=1.0, seed=0, acc=30.0, central=60.0),
+    ]
+    md = write_report(collect(reversed(dirs)), tmp_path / "rep").read_text()
+    table = _md_table(md, "Federated VQA accuracy (test split")
+    assert table[0] == ["K \\ alpha", "0.1", "1.0"]
+    assert table[1] == ["2", "42.00 ± 2.83", "-"] and table[2] == ["4", "-", "30.00"]
+    assert table[3] == ["centralized", "52.50 ± 3.54", "60.00"]
+    assert table[4] == ["zero-shot", "10.00 ± 0.00", "10.00"]
+    assert _md_table(md, "Retention (federated")[1] == ["2", "80.00 ± 0.00", "-"]
+    comm = _md_table(md, "Bytes per round as serialised")
+    assert comm[1] == ["`fedavg`", "2", "210", "420", "20,000", "40,000", "98.950"]
+    assert comm[2] == ["`fedavg`", "4", "210", "840", "20,000", "80,000", "98.950"]
+    assert _md_table(md, "GenEval scores")[1] == ["2", "0.1", "0.500", "0.750", "0.250"]
+    with pytest.raises(DataError, match="neither a run directory"):
+        collect([tmp_path / "nowhere"])
+
+
+def test_cli_commands_when_registered(swept, tmp_path):
+    from typer.testing import CliRunner
+
+    from fedumm.cli import app
+
+    names = {c.name or c.callback.__name__ for c in app.registered_commands}
+    if not {"sweep", "report"} <= names:
+        pytest.skip("fedumm sweep / fedumm report are not registered in the CLI yet")
+    runner = CliRunner()
+    res = runner.invoke(app, ["report", str(swept["out"]), "--out", str(tmp_path / "rep")])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "rep" / "report.md").is_file()
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("base: nowhere.yaml\n")
+    res = runner.invoke(app, ["sweep", str(bad), "--out", str(tmp_path / "o")])
+    assert res.exit_code == 2 and "not found" in res.output
