@@ -165,6 +165,73 @@ def run(
     )
 
 
+@app.command()
+def sweep(
+    sweep_file: Annotated[Path, typer.Argument(help="sweep YAML: base config, overrides, grid")],
+    out: Annotated[Path, typer.Option("--out", help="sweep directory (one run directory per cell)")],
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="list the cells and exit")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Run a grid of runs, one directory per cell; run the same command again to resume."""
+    _setup_logging(verbose)
+    from fedumm.sweep import expand, load_sweep, run_sweep
+
+    try:
+        spec = load_sweep(sweep_file)
+        if dry_run:
+            cells = expand(spec)
+        else:
+            with _progress() as bars:
+                results = run_sweep(spec, out, progress=RichProgress(bars))
+    except KeyboardInterrupt:
+        console.print(f"[yellow]interrupted[/]: finished cells are kept in {out}; run the same command to continue")
+        raise typer.Exit(130) from None
+    except FedummError as exc:
+        _fail(exc)
+    if dry_run:
+        t = Table(title=f"sweep {spec.name}: {len(cells)} cells")
+        for col in ("cell", "kind", "baselines from"):
+            t.add_column(col)
+        for c in cells:
+            t.add_row(c.name, c.kind, c.baseline_cell or "-")
+        out_console.print(t)
+        return
+    t = Table(title=f"sweep {spec.name} ({out})")
+    t.add_column("cell")
+    t.add_column("status")
+    for col in ("federated", "centralized", "zero-shot", "wall (s)"):
+        t.add_column(col, justify="right")
+    for r in results:
+        t.add_row(
+            r.cell.name,
+            "kept" if r.skipped else r.status,
+            _pct(r.summary.get("federated")) if r.cell.kind == "federated" else "-",
+            _pct(r.centralized),
+            _pct(r.zero_shot),
+            f"{r.summary.get('wall_time_s') or 0:.1f}",
+        )
+    out_console.print(t)
+    out_console.print(f"next: fedumm report {out} --out {out / 'report'}")
+
+
+@app.command()
+def report(
+    runs: Annotated[list[Path], typer.Argument(help="run directories and/or sweep directories")],
+    out: Annotated[Path, typer.Option("--out", help="report directory (report.md and its PNGs)")],
+) -> None:
+    """Markdown tables (accuracy by K and alpha, communication, GenEval) and figures from runs."""
+    _setup_logging(False)
+    from fedumm.report import collect, write_report
+
+    try:
+        results = collect(runs)
+        path = write_report(results, out)
+    except FedummError as exc:
+        _fail(exc)
+    finished = sum(r.finished for r in results)
+    out_console.print(f"wrote {path} ({len(results)} runs, {finished} finished)")
+
+
 @data_app.command("synth")
 def data_synth(
     out: Annotated[Path, typer.Option("--out", help="output directory")],

@@ -1,0 +1,540 @@
+"""Grids of runs: a base config, overrides and a cartesian grid, one resumable run directory per cell."""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import itertools
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from fedumm.config import Config, dump_config, load_config
+from fedumm.errors import ConfigError, FedummError
+from fedumm.experiment import resume_experiment, run_experiment
+from fedumm.fl.strategies import make_strategy
+from fedumm.io import atomic_write_json
+from fedumm.progress import NullProgress, Progress
+
+__all__ = [
+    "Sweep",
+    "Cell",
+    "CellResult",
+    "SweepFile",
+    "load_sweep",
+    "expand",
+    "run_sweep",
+    "SWEEP_INDEX",
+    "read_index",
+]
+
+SWEEP_INDEX = "sweep.json"
+
+# Settings that change the federation but neither the zero-shot nor the centralized baseline, so that
+# cells differing only in these share one baseline cell. Everything else (seed, data, model, LoRA,
+# local training and federation.rounds, which sets the centralized epochs) is baseline-relevant.
+# The centralized baseline pools the clients' training portions, i.e. the training split minus each
+# client's local-validation hold-out (train.local_val_fraction), so the pooled set differs between
+# partitions only in which few questions are held out; the shared baseline uses the base partition.
+_FEDERATION_ONLY = (
+    "name",
+    "engine",
+    "nvflare",
+    "baselines",
+    "federation.clients",
+    "federation.alpha",
+    "federation.min_partition_size",
+    "federation.sample_fraction",
+    "federation.min_clients",
+    "federation.strategy",
+    "federation.strategy_params",
+    "federation.compression",
+    "federation.error_feedback",
+)
+# Short prefixes of well-known keys in cell names; the strategy appears as its bare name.
+_ABBREV = {"federation.clients": "K", "federation.alpha": "a", "federation.strategy": "", "seed": "s"}
+_NAME_ORDER = ("federation.clients", "federation.alpha", "federation.strategy")
+_RESERVED = ("name", "baselines")
+_QUESTIONS_PER_IMAGE = 3  # what the synthetic world asks at most per image
+
+
+class SweepFile(BaseModel):
+    """Schema of a sweep YAML file."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    base: Path = Field(description="run config, relative to the sweep file")
+    overrides: dict[str, Any] = Field(default_factory=dict, description="dotted key -> value, every cell")
+    grid: dict[str, list[Any]] = Field(default_factory=dict, description="dotted key -> values to cross")
+    baselines: bool = Field(default=True, description="zero-shot and centralized, once per baseline group")
+
+    @field_validator("grid")
+    @classmethod
+    def _values(cls, v: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        for key, values in v.items():
+            if not values:
+                raise ValueError(f"{key}: needs at least one value")
+            seen: list[Any] = []
+            for x in values:
+                if any(type(x) is type(y) and x == y for y in seen):
+                    raise ValueError(f"{key}: duplicate value {x!r}")
+                seen.append(x)
+        return v
+
+
+@dataclass(frozen=True, kw_only=True)
+class Sweep:
+    """A loaded, key-checked sweep file."""
+
+    path: Path
+    base: Path
+    base_tree: dict
+    overrides: tuple[tuple[str, Any], ...]
+    grid: tuple[tuple[str, tuple[Any, ...]], ...]
+    baselines: bool
+
+    @property
+    def name(self) -> str:
+        """The sweep's name: its file name without extension."""
+        return self.path.stem
+
+
+@dataclass(frozen=True, kw_only=True)
+class Cell:
+    """One run of a sweep: its directory name, grid values and validated config."""
+
+    name: str
+    kind: Literal["baselines", "federated"]
+    settings: tuple[tuple[str, Any], ...]
+    seed: int
+    baseline_cell: str | None
+    config: Config
+
+
+@dataclass(frozen=True, kw_only=True)
+class CellResult:
+    """A cell after run_sweep: its summary and the baselines that apply to it."""
+
+    cell: Cell
+    dir: Path
+    status: str
+    skipped: bool
+    summary: dict
+    zero_shot: dict | None
+    centralized: dict | None
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+
+def _format_errors(exc: ValidationError, source: Path) -> str:
+    lines = []
+    for err in exc.errors():
+        loc = tuple(str(p) for p in err["loc"])
+        where = ".".join(loc) or "(top level)"
+        if err["type"] == "extra_forbidden":
+            close = difflib.get_close_matches(loc[-1], list(SweepFile.model_fields), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close and len(loc) == 1 else ""
+            lines.append(f"{source}: {where}: unknown key{hint}")
+        elif err["type"] == "missing":
+            lines.append(f"{source}: {where}: required key is missing")
+        else:
+            msg = err["msg"].removeprefix("Value error, ")
+            lines.append(f"{source}: {where}: {msg}")
+    return "; ".join(lines)
+
+
+def _check_key(source: Path, section: str, key: str) -> None:
+    """A dotted key must name a config field (any depth below a free-form mapping field)."""
+    parts = key.split(".")
+    if not all(parts):
+        raise ConfigError(f"{source}: {section}.{key}: empty key segment")
+    if parts[0] in _RESERVED:
+        what = "the cell name" if parts[0] == "name" else "the sweep's top-level `baselines`"
+        raise ConfigError(f"{source}: {section}.{key}: set by the sweep ({what}); remove it")
+    model: type[BaseModel] | None = Config
+    for i, part in enumerate(parts):
+        if model is None:
+            return
+        if part not in model.model_fields:
+            close = difflib.get_close_matches(part, list(model.model_fields), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"{source}: {section}.{key}: unknown key {'.'.join(parts[: i + 1])!r}{hint}")
+        ann = model.model_fields[part].annotation
+        model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+        if i < len(parts) - 1 and model is None and not _is_mapping(ann):
+            raise ConfigError(f"{source}: {section}.{key}: {'.'.join(parts[: i + 1])!r} is not a section")
+
+
+def _is_mapping(ann: Any) -> bool:
+    return "dict" in str(ann)
+
+
+def load_sweep(path: str | Path) -> Sweep:
+    """Read and check a sweep YAML file; the base config path is relative to the sweep file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: sweep file not found")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: top level must be a mapping, got {type(raw).__name__}")
+    try:
+        spec = SweepFile.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc, path)) from None
+    for section, keys in (("overrides", spec.overrides), ("grid", spec.grid)):
+        for key in keys:
+            _check_key(path, section, key)
+    all_keys = [*spec.overrides, *spec.grid]
+    for a, b in itertools.permutations(all_keys, 2):
+        if a == b:
+            raise ConfigError(f"{path}: {a}: in both overrides and grid; keep one")
+        if b.startswith(a + "."):
+            raise ConfigError(f"{path}: {b}: overlaps {a}; set one or the other")
+    base = spec.base if spec.base.is_absolute() else path.parent / spec.base
+    if not base.is_file():
+        raise ConfigError(f"{path}: base: config file {str(base)!r} not found")
+    try:
+        tree = yaml.safe_load(base.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{base}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{base}: top level must be a mapping, got {type(tree).__name__}")
+    return Sweep(
+        path=path,
+        base=base,
+        base_tree=tree,
+        overrides=tuple(spec.overrides.items()),
+        grid=tuple((k, tuple(v)) for k, v in spec.grid.items()),
+        baselines=spec.baselines,
+    )
+
+
+# --------------------------------------------------------------------------------------------- expanding
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, bool) or value is None:
+        return str(value).lower()
+    if isinstance(value, float):
+        return repr(value)
+    if isinstance(value, list | tuple):
+        return "+".join(_fmt(v) for v in value)
+    if isinstance(value, dict):
+        return "+".join(f"{k}{_fmt(v)}" for k, v in value.items())
+    return str(value)
+
+
+def _part(key: str, value: Any) -> str:
+    prefix = _ABBREV.get(key, key.rsplit(".", 1)[-1])
+    text = _fmt(value)
+    sep = "_" if prefix and text[:1].isalpha() else ""
+    return re.sub(r"[^A-Za-z0-9._+=-]", "_", f"{prefix}{sep}{text}")
+
+
+def _cell_name(head: list[str], settings: dict[str, Any], seed: int) -> str:
+    keys = [k for k in _NAME_ORDER if k in settings] + [
+        k for k in settings if k not in _NAME_ORDER and k != "seed"
+    ]
+    return "-".join([*head, *(_part(k, settings[k]) for k in keys), _part("seed", seed)])
+
+
+def _is_federation_only(key: str) -> bool:
+    return any(key == p or key.startswith(p + ".") for p in _FEDERATION_ONLY)
+
+
+def _set(tree: dict, key: str, value: Any) -> None:
+    *parents, last = key.split(".")
+    cur = tree
+    for i, part in enumerate(parents):
+        nxt = cur.get(part)
+        if nxt is None:
+            nxt = cur[part] = {}
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"{'.'.join(parents[: i + 1])!r} is not a section (setting {key})")
+        cur = nxt
+    cur[last] = copy.deepcopy(value)
+
+
+def _build(sweep: Sweep, name: str, settings: dict[str, Any], extra: dict[str, Any]) -> Config:
+    tree = copy.deepcopy(sweep.base_tree)
+    try:
+        for key, value in [*sweep.overrides, *settings.items(), *extra.items()]:
+            _set(tree, key, value)
+        cfg = load_config(None, tree=tree)
+    except ConfigError as exc:
+        msg = str(exc).replace("<config>: ", "")
+        raise ConfigError(f"{sweep.path}: cell {name}: {msg}") from None
+    fed = cfg.federation
+    try:  # strategy hyperparameters are only checked when the strategy is built
+        make_strategy(fed.strategy, **fed.strategy_params)
+    except (TypeError, ValueError, FedummError) as exc:
+        raise ConfigError(
+            f"{sweep.path}: cell {name}: federation.strategy_params {fed.strategy_params} "
+            f"for {fed.strategy!r}: {exc}"
+        ) from None
+    return cfg
+
+
+def _train_questions(cfg: Config, cache: dict) -> tuple[int, bool] | None:
+    """Questions in the training split (exact when on disk, an upper bound when still to synthesize)."""
+    d = cfg.data
+    key = (str(d.path), d.train_split, str(d.synth_images))
+    if key not in cache:
+        qfile = d.path / f"v2_OpenEnded_mscoco_{d.train_split}_questions.json"
+        found: tuple[int, bool] | None = None
+        if qfile.is_file():
+            try:
+                found = (len(json.loads(qfile.read_text(encoding="utf-8"))["questions"]), True)
+            except (OSError, ValueError, KeyError, TypeError):
+                found = None  # the run reports a malformed file with its own error
+        elif d.synthesize_if_missing and not (d.path.exists() and any(d.path.iterdir())):
+            from fedumm.data.synth import DEFAULT_IMAGES
+
+            images = dict(DEFAULT_IMAGES if d.synth_images is None else d.synth_images)
+            if d.train_split in images:
+                found = (images[d.train_split] * _QUESTIONS_PER_IMAGE, False)
+        cache[key] = found
+    return cache[key]
+
+
+def _check_capacity(sweep: Sweep, cell: Cell, cache: dict) -> None:
+    fed = cell.config.federation
+    found = _train_questions(cell.config, cache)
+    if found is None:
+        return
+    n, exact = found
+    need = fed.clients * fed.min_partition_size
+    if need > n:
+        split = cell.config.data.train_split
+        have = f"split {split!r} has {n} questions" if exact else f"split {split!r} will have at most {n}"
+        raise ConfigError(
+            f"{sweep.path}: cell {cell.name}: federation.clients={fed.clients} x "
+            f"federation.min_partition_size={fed.min_partition_size} needs {need} training questions "
+            f"but {have}"
+        )
+
+
+def expand(sweep: Sweep) -> list[Cell]:
+    """All cells, baseline cells first, each config validated (a bad value fails here, naming the cell)."""
+    keys = [k for k, _ in sweep.grid]
+    combos = [
+        dict(zip(keys, values, strict=True)) for values in itertools.product(*(v for _, v in sweep.grid))
+    ]
+    off = {"baselines.zero_shot": False, "baselines.centralized": False}
+    baselines: dict[str, Cell] = {}
+    federated: list[Cell] = []
+    base_seed = dict(sweep.overrides).get("seed", sweep.base_tree.get("seed", 0))
+    for settings in combos:
+        seed = settings.get("seed", base_seed)
+        name = _cell_name([], settings, seed)
+        cfg = _build(sweep, name, settings, {**off, "name": name})
+        base_name = None
+        if sweep.baselines:
+            relevant = {k: v for k, v in settings.items() if not _is_federation_only(k)}
+            base_name = _cell_name(["baselines"], relevant, seed)
+            if base_name not in baselines:
+                baselines[base_name] = _baseline_cell(sweep, base_name, relevant, seed)
+        federated.append(
+            Cell(
+                name=name,
+                kind="federated",
+                settings=tuple(settings.items()),
+                seed=cfg.seed,
+                baseline_cell=base_name,
+                config=cfg,
+            )
+        )
+    cells = [*baselines.values(), *federated]
+    names = [c.name for c in cells]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ConfigError(f"{sweep.path}: grid values give clashing cell names: {', '.join(dupes)}")
+    cache: dict = {}
+    for cell in cells:
+        _check_capacity(sweep, cell, cache)
+    return cells
+
+
+def _baseline_cell(sweep: Sweep, name: str, relevant: dict[str, Any], seed: int) -> Cell:
+    on = {"baselines.zero_shot": True, "baselines.centralized": True, "name": name}
+    clients = _build(sweep, name, relevant, on).federation.clients
+    # run_experiment always federates after the baselines; this cell's federation is a by-product that
+    # no table uses, so it trains one sampled client per round (the baselines do not depend on it)
+    cfg = _build(
+        sweep,
+        name,
+        relevant,
+        {**on, "federation.sample_fraction": 1.0 / clients, "federation.min_clients": 1},
+    )
+    return Cell(
+        name=name,
+        kind="baselines",
+        settings=tuple(relevant.items()),
+        seed=seed,
+        baseline_cell=None,
+        config=cfg,
+    )
+
+
+# ----------------------------------------------------------------------------------------------- running
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{path}: not readable JSON ({exc})") from None
+
+
+def _state(sweep: Sweep, cell: Cell, d: Path) -> str:
+    """'finished', 'resume' or 'new'; an existing run with another config is an error."""
+    summary_path, metrics = d / "summary.json", d / "metrics.jsonl"
+    if not (summary_path.is_file() or metrics.is_file()):
+        return "new"
+    cfg_path = d / "config.yaml"
+    if cfg_path.is_file():
+        saved = yaml.safe_load(cfg_path.read_text(encoding="utf-8"))
+        if saved != yaml.safe_load(dump_config(cell.config)):
+            raise ConfigError(
+                f"{sweep.path}: cell {cell.name}: {d} holds a run with another config; "
+                "restore the sweep file or move that directory away"
+            )
+    if summary_path.is_file() and _read_json(summary_path).get("status") == "finished":
+        return "finished"
+    return "resume"
+
+
+def read_index(sweep_dir: str | Path) -> dict:
+    """The sweep.json of a sweep directory."""
+    path = Path(sweep_dir) / SWEEP_INDEX
+    if not path.is_file():
+        raise ConfigError(f"{sweep_dir}: not a sweep directory ({SWEEP_INDEX} missing)")
+    return _read_json(path)
+
+
+def _write_index(sweep: Sweep, out: Path, cells: list[Cell], status: dict, wall: dict) -> None:
+    atomic_write_json(
+        out / SWEEP_INDEX,
+        {
+            "sweep": str(sweep.path),
+            "base": str(sweep.base),
+            "overrides": dict(sweep.overrides),
+            "grid": {k: list(v) for k, v in sweep.grid},
+            "baselines": sweep.baselines,
+            "cells": [
+                {
+                    "name": c.name,
+                    "dir": c.name,
+                    "kind": c.kind,
+                    "settings": dict(c.settings),
+                    "seed": c.seed,
+                    "baseline_cell": c.baseline_cell,
+                    "status": status[c.name],
+                    "wall_time_s": wall.get(c.name),
+                }
+                for c in cells
+            ],
+        },
+    )
+
+
+def _fmt_duration(seconds: float) -> str:
+    s = int(round(seconds))
+    h, rem = divmod(s, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+def _eta(remaining: list[Cell], wall: dict[str, list[float]]) -> str:
+    """Remaining time from the mean wall time of finished cells of the same kind (else any kind)."""
+    every = [w for ws in wall.values() for w in ws]
+    if not every:
+        return "ETA unknown"
+    total = 0.0
+    for cell in remaining:
+        ws = wall.get(cell.kind) or every
+        total += sum(ws) / len(ws)
+    return f"ETA {_fmt_duration(total)}"
+
+
+def run_sweep(sweep: Sweep, out_dir: str | Path, *, progress: Progress | None = None) -> list[CellResult]:
+    """Run every cell not finished yet (resuming interrupted ones), keep sweep.json current, return all."""
+    # Baseline cells run first with zero-shot and centralized on; federated cells run with both off and
+    # take the numbers of their baseline cell. The first failing cell stops the sweep (rerun to resume).
+    progress = progress or NullProgress()
+    cells = expand(sweep)
+    out = Path(out_dir)
+    states = {c.name: _state(sweep, c, out / c.name) for c in cells}  # every check before any run
+    out.mkdir(parents=True, exist_ok=True)
+    status = {c.name: ("finished" if states[c.name] == "finished" else "pending") for c in cells}
+    wall_of: dict[str, float] = {}
+    wall_by_kind: dict[str, list[float]] = {}
+    summaries: dict[str, dict] = {}
+
+    def record(cell: Cell, summary: dict) -> None:
+        summaries[cell.name] = summary
+        status[cell.name] = summary.get("status") or "failed"
+        w = summary.get("wall_time_s")
+        if status[cell.name] == "finished" and isinstance(w, int | float) and math.isfinite(w):
+            wall_of[cell.name] = float(w)
+            wall_by_kind.setdefault(cell.kind, []).append(float(w))
+
+    for cell in cells:
+        if states[cell.name] == "finished":
+            record(cell, _read_json(out / cell.name / "summary.json"))
+    _write_index(sweep, out, cells, status, wall_of)
+
+    n = len(cells)
+    progress.start("sweep", f"sweep {sweep.name}", n)
+    for i, cell in enumerate(cells):
+        eta = _eta([c for c in cells[i:] if states[c.name] != "finished"], wall_by_kind)
+        progress.update("sweep", i, description=f"sweep {sweep.name}: {cell.name} ({i + 1}/{n}, {eta})")
+        if states[cell.name] == "finished":
+            continue
+        d = out / cell.name
+        status[cell.name] = "running"
+        _write_index(sweep, out, cells, status, wall_of)
+        try:
+            if states[cell.name] == "resume":
+                summary = resume_experiment(d, progress=progress)
+            else:
+                summary = run_experiment(cell.config, d, progress=progress)
+        except BaseException as exc:
+            saved = _read_json(d / "summary.json") if (d / "summary.json").is_file() else {}
+            interrupted = isinstance(exc, KeyboardInterrupt)
+            status[cell.name] = saved.get("status") or ("interrupted" if interrupted else "failed")
+            if status[cell.name] in ("running", "finished"):
+                status[cell.name] = "failed"
+            _write_index(sweep, out, cells, status, wall_of)
+            raise
+        record(cell, summary)
+        _write_index(sweep, out, cells, status, wall_of)
+    progress.update("sweep", n, description=f"sweep {sweep.name}: done")
+    progress.finish("sweep")
+
+    results = []
+    for cell in cells:
+        summary = summaries[cell.name]
+        source = summaries.get(cell.baseline_cell or cell.name, {})
+        results.append(
+            CellResult(
+                cell=cell,
+                dir=out / cell.name,
+                status=status[cell.name],
+                skipped=states[cell.name] == "finished",
+                summary=summary,
+                zero_shot=source.get("zero_shot"),
+                centralized=source.get("centralized"),
+            )
+        )
+    return results
