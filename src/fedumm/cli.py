@@ -184,7 +184,9 @@ def sweep(
             with _progress() as bars:
                 results = run_sweep(spec, out, progress=RichProgress(bars))
     except KeyboardInterrupt:
-        console.print(f"[yellow]interrupted[/]: finished cells are kept in {out}; run the same command to continue")
+        console.print(
+            f"[yellow]interrupted[/]: finished cells are kept in {out}; run the same command to continue"
+        )
         raise typer.Exit(130) from None
     except FedummError as exc:
         _fail(exc)
