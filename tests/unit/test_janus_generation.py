@@ -241,3 +241,21 @@ def test_builtin_tiny_janus_generation_grid():
     tok = build_tokenizer(WORDS)
     with torch.random.fork_rng(devices=[]):
         G.check_generation_config(build_tiny_janus(tok, codebook_size=64))
+
+
+def test_dead_codes_move_to_badly_reconstructed_latents():
+    weight = torch.nn.Parameter(
+        F.normalize(torch.randn(8, 4, generator=torch.Generator().manual_seed(0)), dim=-1)
+    )
+    opt = torch.optim.AdamW([weight], lr=1e-3)
+    ema = torch.tensor([1.0, 0.0, 1.0, 0.0, 1.0, 1.0, 0.0, 1.0])  # codes 1, 3, 6 are dead
+    latents = F.normalize(torch.randn(10, 4, generator=torch.Generator().manual_seed(1)), dim=-1)
+    error = torch.zeros(10)
+    error[7] = 1.0  # only latent 7 reconstructs badly
+    alive = weight.detach()[[0, 2, 4, 5, 7]].clone()
+    gen = torch.Generator().manual_seed(0)
+    assert G._reinit_dead_codes(weight, ema, latents, error, opt, gen, threshold=0.05) == 3
+    assert torch.equal(weight.detach()[[0, 2, 4, 5, 7]], alive)
+    for code in (1, 3, 6):
+        assert float(weight.detach()[code] @ latents[7]) > 0.99
+    assert (ema[[1, 3, 6]] > 0.05).all()

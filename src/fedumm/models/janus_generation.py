@@ -224,19 +224,30 @@ def vq_loss(
     return loss, stats
 
 
+def _patch_error(recon: torch.Tensor, pixels: torch.Tensor, num_latents: int) -> torch.Tensor:
+    """Mean absolute reconstruction error per latent patch (B*h*w,), in the latents' row-major order."""
+    error = (recon - pixels).abs().mean(1, keepdim=True)  # (B, 1, H, W)
+    side = int(math.isqrt(num_latents // pixels.shape[0]))
+    return F.adaptive_avg_pool2d(error, side).flatten()  # (B*h*w,)
+
+
 def _reinit_dead_codes(
     weight: torch.nn.Parameter,
     ema_counts: torch.Tensor,
     latents: torch.Tensor,
+    patch_error: torch.Tensor,
     opt: torch.optim.Optimizer,
     generator: torch.Generator,
     threshold: float,
 ) -> int:
-    """Move codes whose usage EMA fell below ``threshold`` onto random batch latents; returns how many."""
+    """Move codes used less than ``threshold`` (EMA) onto badly reconstructed latents; returns how many."""
     dead = (ema_counts < threshold).nonzero().flatten()  # (n_dead,)
     if dead.numel() == 0:
         return 0
-    pick = torch.randint(latents.shape[0], (dead.numel(),), generator=generator)
+    # sample latents by their patch's reconstruction error, so that spare codes go to objects and
+    # edges rather than splitting the (easy, most frequent) background into near-duplicate codes
+    weights = patch_error.detach().float().cpu().clamp_min(1e-12)  # (B*h*w,)
+    pick = torch.multinomial(weights, dead.numel(), replacement=True, generator=generator)
     noise = 0.01 * torch.randn(dead.numel(), latents.shape[1], generator=generator)
     with torch.no_grad():
         fresh = F.normalize(latents[pick.to(latents.device)] + noise.to(latents.device), dim=-1)
@@ -261,7 +272,7 @@ def train_vq(
     warmup_steps: int = 20,
     reinit_dead_codes: bool = True,
     reinit_every: int = 25,
-    lowpass_weight: float = 0.0,
+    lowpass_weight: float = 1.0,
     progress: Progress | None = None,
 ) -> dict[str, Any]:
     """Train the VQ tokenizer alone on ``images`` with AdamW; returns the final statistics."""
@@ -311,7 +322,9 @@ def train_vq(
             counts = torch.bincount(out["indices"], minlength=num_codes).float()  # (K,)
             ema_counts.mul_(0.95).add_(counts, alpha=0.05)
             if reinit_dead_codes and (step + 1) % reinit_every == 0 and step + 1 < int(0.8 * steps):
-                reinitialised += _reinit_dead_codes(weight, ema_counts, out["latents"], opt, gen, threshold)
+                latents = out["latents"]  # (B*h*w, D)
+                error = _patch_error(out["recon"].detach(), batch, latents.shape[0])  # (B*h*w,)
+                reinitialised += _reinit_dead_codes(weight, ema_counts, latents, error, opt, gen, threshold)
             recent = [*recent[-19:], step_stats]
             progress.update("vq", step + 1, f"VQ tokenizer (loss {recent[-1]['loss']:.3f})")
     finally:
