@@ -56,7 +56,7 @@ __all__ = [
 
 BETA = 0.25  # commitment weight (HF's quantizer default)
 IGNORE = -100
-LOWPASS = 4  # pooling window of the optional low-pass reconstruction term
+LOWPASS = 4  # pooling window of the low-pass reconstruction term
 
 
 # ---- helpers ---------------------------------------------------------------------------------------
@@ -217,9 +217,9 @@ def _vq_objective(
 
 
 def vq_loss(
-    model: torch.nn.Module, pixel_values: torch.Tensor, *, lowpass_weight: float = 0.0
+    model: torch.nn.Module, pixel_values: torch.Tensor, *, lowpass_weight: float = 1.0
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """VQ loss on processor-normalised pixels (B, 3, H, W): L1 + L2 recon + codebook + beta * commit."""
+    """VQ loss on normalised pixels (B, 3, H, W): L1 + L2 recon (+ low-pass) + codebook + beta * commit."""
     loss, stats, _ = _vq_objective(_janus(model).model.vqmodel, pixel_values, lowpass_weight)
     return loss, stats
 
@@ -431,10 +431,8 @@ def t2i_batch(
     cfg_drop_prob: float = 0.1,
     generator: torch.Generator,
 ) -> dict[str, torch.Tensor]:
-    """Prompt ids (left-padded, ending in BOI), image-token targets, attention mask and labels.
-
-    ``images`` may be PIL images (encoded with the frozen VQ) or precomputed image-token ids (B, h*w).
-    """
+    """Prompt ids (left-padded, ending in BOI), image-token targets, attention mask and labels."""
+    # ``images``: PIL images (encoded with the frozen VQ) or precomputed image-token ids (B, h*w)
     if len(captions) != len(images):
         raise ValueError(f"{len(captions)} captions but {len(images)} images")
     if not 0.0 <= cfg_drop_prob <= 1.0:
