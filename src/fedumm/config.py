@@ -149,19 +149,23 @@ def _suggest(model: type[BaseModel] | None, loc: tuple[Any, ...]) -> str:
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
-def format_validation_error(exc: ValidationError, *, source: str) -> str:
-    """One line per problem: 'source: a.b: message (got value)'."""
+def format_validation_error(
+    exc: ValidationError, *, source: str, schema: type[BaseModel] | None = None, show_input: bool = True
+) -> str:
+    """One line per problem: 'source: a.b: message (got value)'; did-you-mean from ``schema``."""
+    schema = schema or Config
     lines = []
     for err in exc.errors():
         loc = tuple(err["loc"])
         where = ".".join(str(p) for p in loc) or "(top level)"
         if err["type"] == "extra_forbidden":
-            lines.append(f"{source}: {where}: unknown key{_suggest(Config, loc)}")
+            lines.append(f"{source}: {where}: unknown key{_suggest(schema, loc)}")
         elif err["type"] == "missing":
             lines.append(f"{source}: {where}: required key is missing")
         else:
             msg = err["msg"].removeprefix("Value error, ")
-            lines.append(f"{source}: {where}: {msg} (got {err.get('input')!r})")
+            got = f" (got {err.get('input')!r})" if show_input else ""
+            lines.append(f"{source}: {where}: {msg}{got}")
     return "; ".join(lines)
 
 

@@ -15,7 +15,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from fedumm.config import Config, dump_config, load_config
+from fedumm.config import Config, dump_config, format_validation_error, load_config
 from fedumm.errors import ConfigError, FedummError
 from fedumm.experiment import resume_experiment, run_experiment
 from fedumm.fl.strategies import make_strategy
@@ -134,20 +134,7 @@ class CellResult:
 
 
 def _format_errors(exc: ValidationError, source: Path) -> str:
-    lines = []
-    for err in exc.errors():
-        loc = tuple(str(p) for p in err["loc"])
-        where = ".".join(loc) or "(top level)"
-        if err["type"] == "extra_forbidden":
-            close = difflib.get_close_matches(loc[-1], list(SweepFile.model_fields), n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close and len(loc) == 1 else ""
-            lines.append(f"{source}: {where}: unknown key{hint}")
-        elif err["type"] == "missing":
-            lines.append(f"{source}: {where}: required key is missing")
-        else:
-            msg = err["msg"].removeprefix("Value error, ")
-            lines.append(f"{source}: {where}: {msg}")
-    return "; ".join(lines)
+    return format_validation_error(exc, source=str(source), schema=SweepFile, show_input=False)
 
 
 def _check_key(source: Path, section: str, key: str) -> None:

@@ -20,8 +20,6 @@ import io
 import json
 import math
 import operator
-import os
-import tempfile
 from collections import Counter
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -32,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from fedumm.errors import ConfigError, DataError
+from fedumm.io import atomic_write_bytes
 
 __all__ = [
     "Partition",
@@ -345,23 +344,6 @@ def partition_stats(partition: Partition) -> dict[str, Any]:
 # files
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same directory and os.replace."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-
-
 def _dump_json(data: Mapping[str, Any]) -> str:
     """Format a partition JSON object with one line per client (large id lists stay compact)."""
 
@@ -440,10 +422,10 @@ def save_partition(partition: Partition, path: Path, *, heatmap: bool = True) ->
         raise ConfigError(f"partition file {path} must not end in .png: the heatmap is written beside it")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_write_bytes(path, _dump_json(partition.to_json()).encode("utf-8"))
+        atomic_write_bytes(path, _dump_json(partition.to_json()).encode("utf-8"))
         if not heatmap:
             return None
-        _atomic_write_bytes(png, _render_heatmap(partition))
+        atomic_write_bytes(png, _render_heatmap(partition))
     except OSError as exc:
         raise DataError(f"cannot write partition {path}: {exc}") from exc
     return png
