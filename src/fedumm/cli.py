@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import shutil
@@ -23,6 +24,7 @@ from rich.progress import (
 from rich.table import Table
 
 from fedumm.errors import ConfigError, DataError, FedummError
+from fedumm.io import atomic_write_bytes
 
 app = typer.Typer(
     add_completion=False,
@@ -106,9 +108,24 @@ def _summary_table(summary: dict) -> Table:
     t = Table(title=f"fedumm run '{summary.get('name')}' ({summary.get('status')})")
     t.add_column("setting")
     t.add_column("VQA accuracy (test, %)", justify="right")
-    for name in ("zero_shot", "centralized", "federated"):
-        t.add_row(name.replace("_", "-"), _pct(summary.get(name)))
+    rows = [summary.get(name) or {} for name in ("zero_shot", "centralized", "federated")]
+    tags = [k for k in GENEVAL_COLUMNS if any(k in r for r in rows)]
+    for key in tags:
+        t.add_column(GENEVAL_COLUMNS[key], justify="right")
+    for name, row in zip(("zero_shot", "centralized", "federated"), rows, strict=True):
+        t.add_row(name.replace("_", "-"), _pct(row), *(_pct(row, key) for key in tags))
     return t
+
+
+GENEVAL_COLUMNS = {
+    "geneval_overall": "GenEval overall",
+    "geneval_single_object": "single",
+    "geneval_two_object": "two",
+    "geneval_counting": "counting",
+    "geneval_colors": "colors",
+    "geneval_position": "position",
+    "geneval_color_attr": "color attr",
+}
 
 
 @app.command()
@@ -347,6 +364,64 @@ def eval_geneval(
 
 
 @app.command()
+def generate(
+    out: Annotated[Path, typer.Option("--out", help="folder for {index:05d}_{sample:02d}.png images")],
+    metadata: Annotated[
+        Path | None, typer.Option("--metadata", help="GenEval metadata JSONL (default: the built-in set)")
+    ] = None,
+    model: Annotated[Path | None, typer.Option("--model", help="HF Janus dir (default: built-in)")] = None,
+    adapter: Annotated[
+        Path | None, typer.Option("--adapter", help="peft adapter dir, e.g. RUN/global_adapter")
+    ] = None,
+    images_per_prompt: Annotated[int, typer.Option(min=1, max=64)] = 4,
+    guidance_scale: Annotated[float, typer.Option(min=1.0)] = 3.0,
+    temperature: Annotated[float, typer.Option(min=0.0)] = 1.0,
+    seed: Annotated[int, typer.Option()] = 0,
+    batch: Annotated[int, typer.Option(min=1, help="prompts per sampling batch")] = 32,
+) -> None:
+    """Sample images for GenEval prompts, named for `fedumm eval geneval --images`."""
+    _setup_logging(False)
+    from fedumm.data.geneval_prompts import DEFAULT_PROMPTS_FILE, build_prompt_set, write_prompt_set
+    from fedumm.eval.generation import load_prompts
+    from fedumm.models.janus import JanusFamily
+    from fedumm.seeding import derive_seed
+
+    try:
+        prompts = load_prompts(metadata, per_tag=None) if metadata else build_prompt_set()
+        family = JanusFamily.from_pretrained(model)
+        if adapter is not None:
+            family.load_adapter(adapter)
+        out.mkdir(parents=True, exist_ok=True)
+        if metadata is None:
+            write_prompt_set(out / DEFAULT_PROMPTS_FILE, prompts)
+        chunks = range(0, len(prompts), batch)
+        with _progress() as bars:
+            task = bars.add_task("sampling", total=len(chunks))
+            for b, start in enumerate(chunks):
+                chunk = prompts[start : start + batch]
+                images = family.generate(
+                    [p.prompt for p in chunk],
+                    images_per_prompt=images_per_prompt,
+                    guidance_scale=guidance_scale,
+                    temperature=temperature,
+                    seed=derive_seed(seed, "generate", rnd=b),
+                )
+                for j, p in enumerate(chunk):
+                    for k in range(images_per_prompt):
+                        buf = io.BytesIO()
+                        images[j * images_per_prompt + k].save(buf, format="PNG")
+                        atomic_write_bytes(out / f"{p.index:05d}_{k:02d}.png", buf.getvalue())
+                bars.update(task, completed=b + 1)
+    except FedummError as exc:
+        _fail(exc)
+    where = f"--metadata {metadata}" if metadata else f"--metadata {out / DEFAULT_PROMPTS_FILE}"
+    out_console.print(
+        f"wrote {len(prompts) * images_per_prompt} images to {out}; "
+        f"score them with: fedumm eval geneval {where} --images {out}"
+    )
+
+
+@app.command()
 def comm(
     model_config: Annotated[Path, typer.Option("--model-config", help="Hugging Face config.json")],
     lora_r: Annotated[int, typer.Option("--lora-r", help="LoRA rank")] = 16,
@@ -396,6 +471,7 @@ def pretrain(
     out: Annotated[Path | None, typer.Option("--out", help="checkpoint dir (default: the built-in)")] = None,
     seed: Annotated[int, typer.Option()] = 0,
     epochs: Annotated[int | None, typer.Option()] = None,
+    vq_steps: Annotated[int | None, typer.Option(help="VQ image-tokenizer steps (0: skip)")] = None,
 ) -> None:
     """Pretrain the built-in tiny Janus on the public split (reproduces the shipped checkpoint)."""
     _setup_logging(False)
@@ -408,7 +484,8 @@ def pretrain(
         if not (data / "world.json").exists():
             console.print(f"building the synthetic world in {data} (seed {seed})")
             synthesize(data, seed=seed)
-        spec = PretrainSpec(seed=seed, **({"epochs": epochs} if epochs else {}))
+        overrides = {"epochs": epochs, "vq_steps": vq_steps}
+        spec = PretrainSpec(seed=seed, **{k: v for k, v in overrides.items() if v is not None})
         with _progress() as bars:
             report = run_pretrain(data, out or BUILTIN_PATH, spec=spec, progress=RichProgress(bars))
     except FedummError as exc:

@@ -14,6 +14,10 @@ from fedumm.errors import ConfigError
 __all__ = ["Config", "load_config", "apply_overrides", "format_validation_error", "dump_config"]
 
 
+Task = Literal["understanding", "generation", "both"]
+TASKS: tuple[str, ...] = ("understanding", "generation", "both")
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -47,6 +51,12 @@ class LoraConfigModel(_Strict):
     dropout: float = Field(default=0.0, ge=0, lt=1)
     groups: tuple[Literal["vision", "language", "generation"], ...] = ("language",)
     target_modules: tuple[str, ...] | None = Field(default=None, description="null = each tower's defaults")
+    alignment_tokens: int = Field(
+        default=0,
+        ge=0,
+        le=64,
+        description="shared learnable tokens between image and text, aggregated over all clients (0 = off)",
+    )
 
     @field_validator("groups")
     @classmethod
@@ -82,15 +92,62 @@ class FederationConfig(_Strict):
         default="none", description="client->server transport of the adapter delta"
     )
     error_feedback: bool = Field(default=True, description="carry each client's quantisation error forward")
+    group_strategies: dict[Literal["vision", "language", "generation", "alignment"], str] = Field(
+        default_factory=dict, description="per adapter group, a strategy other than `strategy`"
+    )
+    tasks: Task = Field(default="understanding", description="every client's task mix")
+    task_fractions: dict[Task, float] | None = Field(
+        default=None, description="share of clients per task mix, e.g. {understanding: 0.25, both: 0.75}"
+    )
+    client_tasks: list[Task] | None = Field(default=None, description="one task mix per client, in order")
 
     @model_validator(mode="after")
     def _check(self) -> FederationConfig:
         from fedumm.fl.strategies import STRATEGIES
 
         STRATEGIES.get(self.strategy)  # unknown name -> ConfigError with a suggestion
+        for name in self.group_strategies.values():
+            STRATEGIES.get(name)
         if self.min_clients > self.clients:
             raise ValueError(f"min_clients={self.min_clients} exceeds clients={self.clients}")
+        if self.task_fractions is not None and self.client_tasks is not None:
+            raise ValueError("give task_fractions or client_tasks, not both")
+        if self.task_fractions is not None:
+            total = sum(self.task_fractions.values())
+            if any(v < 0 for v in self.task_fractions.values()) or abs(total - 1.0) > 1e-6:
+                raise ValueError(f"task_fractions must be >= 0 and sum to 1, got {self.task_fractions}")
+        if self.client_tasks is not None and len(self.client_tasks) != self.clients:
+            raise ValueError(f"client_tasks lists {len(self.client_tasks)} clients, clients={self.clients}")
         return self
+
+    def task_of_clients(self) -> list[Task]:
+        """The task mix of each client, in client order.
+
+        With fractions, counts are rounded by largest remainder and clients are assigned in the order
+        understanding, generation, both (client-00 first).
+        """
+        if self.client_tasks is not None:
+            return list(self.client_tasks)
+        if self.task_fractions is None:
+            return [self.tasks] * self.clients
+        exact = {t: self.task_fractions[t] * self.clients for t in TASKS if t in self.task_fractions}
+        counts = {t: int(v) for t, v in exact.items()}
+        by_remainder = sorted(exact, key=lambda t: -(exact[t] - counts[t]))
+        for t in by_remainder[: self.clients - sum(counts.values())]:
+            counts[t] += 1
+        return [t for t, n in counts.items() for _ in range(n)]
+
+
+class GenEvalConfig(_Strict):
+    """GenEval-style evaluation of generated images (built-in prompts and detector by default)."""
+
+    enabled: bool = Field(default=False, description="score generation at every evaluation")
+    metadata: Path | None = Field(default=None, description="GenEval metadata JSONL; null = built-in set")
+    per_tag: int | None = Field(default=16, ge=1, description="prompts per tag (null = all)")
+    images_per_prompt: int = Field(default=4, ge=1, le=64)
+    guidance_scale: float = Field(default=3.0, ge=1.0)
+    temperature: float = Field(default=1.0, ge=0.0)
+    grid_prompts: int = Field(default=12, ge=0, description="prompts shown in each image-grid PNG")
 
 
 class NvflareConfig(_Strict):
@@ -128,7 +185,19 @@ class Config(_Strict):
     train: TrainConfig = TrainConfig()
     federation: FederationConfig = FederationConfig()
     baselines: BaselinesConfig = BaselinesConfig()
+    geneval: GenEvalConfig = GenEvalConfig()
     nvflare: NvflareConfig = NvflareConfig()
+
+    @model_validator(mode="after")
+    def _generation_needs(self) -> Config:
+        tasks = set(self.federation.task_of_clients())
+        if (
+            tasks & {"generation", "both"}
+            and "generation" not in self.lora.groups
+            and ("language" not in self.lora.groups)
+        ):
+            raise ValueError("generation clients need LoRA on the 'language' or 'generation' group")
+        return self
 
 
 def _field_names(model: type[BaseModel]) -> list[str]:

@@ -7,13 +7,21 @@ import resource
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from fedumm.client.train import TrainSpec, evaluate_vqa, num_steps, split_local_val, train_local
+from fedumm.client.train import (
+    ClientData,
+    TrainSpec,
+    evaluate_vqa,
+    num_steps,
+    split_local_val,
+    train_local,
+)
 from fedumm.config import Config, dump_config
-from fedumm.data.partition import Partition, build_partition, load_partition, save_partition
+from fedumm.data.partition import Partition, build_partition, client_names, load_partition, save_partition
 from fedumm.errors import CheckpointError, ConfigError
+from fedumm.eval.generation import GenerationEvalSpec, evaluate_generation, flat_metrics, load_prompts
 from fedumm.fl.strategies import make_strategy
 from fedumm.models.base import LoraSpec
 from fedumm.models.janus import JanusFamily
@@ -27,6 +35,8 @@ from fedumm.types import AdapterState, RoundRecord
 from fedumm.wire import pack_state
 
 log = logging.getLogger(__name__)
+
+GENERATION_PARTITION = "generation_partition.json"
 
 __all__ = [
     "run_experiment",
@@ -53,10 +63,17 @@ class ExperimentData:
     train: list
     val: list
     test: list
+    captions: list = field(default_factory=list)  # caption examples of the train split (generation)
+
+
+def needs_generation(cfg: Config) -> bool:
+    """Whether any client trains generation."""
+    return bool(set(cfg.federation.task_of_clients()) & {"generation", "both"})
 
 
 def load_data(cfg: Config, *, eval_splits: bool = True) -> ExperimentData:
     """Load the train/val/test splits (building the synthetic world first if asked to)."""
+    from fedumm.data.captions import load_captions
     from fedumm.data.synth import synthesize
     from fedumm.data.vqa import load_split
 
@@ -75,31 +92,109 @@ def load_data(cfg: Config, *, eval_splits: bool = True) -> ExperimentData:
         val = val[: d.max_val_questions]
     if d.max_test_questions:
         test = test[: d.max_test_questions]
-    return ExperimentData(train=train, val=val, test=test)
+    captions = load_captions(d.path, d.train_split) if needs_generation(cfg) else []
+    return ExperimentData(train=train, val=val, test=test, captions=captions)
+
+
+def _relabel(partition: Partition, names: Sequence[str], everyone: Sequence[str]) -> Partition:
+    """Rename a partition's clients to ``names`` and add the others of ``everyone`` with no data."""
+    renamed = dict(zip(partition.clients, names, strict=True))
+    clients = {n: () for n in everyone}
+    counts: dict[str, dict[str, int]] = {n: {} for n in everyone}
+    for old, new in renamed.items():
+        clients[new] = partition.clients[old]
+        counts[new] = dict(partition.answer_counts[old])
+    return Partition(clients=clients, answer_counts=counts, meta=None)
+
+
+def _empty_partition(names: Sequence[str]) -> Partition:
+    return Partition(clients={n: () for n in names}, answer_counts={n: {} for n in names}, meta=None)
 
 
 def make_partition(cfg: Config, train: Sequence) -> Partition:
-    """Dirichlet partition of the training split over the clients, seeded from the run seed."""
+    """Dirichlet partition of the VQA training split over the understanding clients, seeded from the run seed.
+
+    Clients whose task mix has no understanding are listed with no examples.
+    """
     fed = cfg.federation
-    return build_partition(
+    names = client_names(fed.clients)
+    tasks = fed.task_of_clients()
+    mine = [n for n, t in zip(names, tasks, strict=True) if t in ("understanding", "both")]
+    if not mine:
+        return _empty_partition(names)
+    part = build_partition(
         [s.question_id for s in train],
         [s.multiple_choice_answer for s in train],
-        num_clients=fed.clients,
+        num_clients=len(mine),
         alpha=fed.alpha,
         min_size=fed.min_partition_size,
         seed=derive_seed(cfg.seed, "partition"),
     )
+    return part if len(mine) == len(names) else _relabel(part, mine, names)
 
 
-def client_splits(cfg: Config, train: Sequence, partition: Partition) -> dict[str, tuple[list, list]]:
-    """Per client: (local training samples, local validation samples for the quality score)."""
+def make_generation_partition(cfg: Config, captions: Sequence) -> Partition:
+    """Dirichlet partition of the caption images over the generation clients, skewed by object class.
+
+    Ids are image ids (every caption of an image goes to the same client); the label of an image is
+    the first object class its first caption names.
+    """
+    from fedumm.data.captions import caption_class, captions_by_image
+
+    fed = cfg.federation
+    names = client_names(fed.clients)
+    tasks = fed.task_of_clients()
+    mine = [n for n, t in zip(names, tasks, strict=True) if t in ("generation", "both")]
+    if not mine:
+        return _empty_partition(names)
+    grouped = captions_by_image(captions)
+    if not grouped:
+        raise ConfigError(f"data.path {str(cfg.data.path)!r}: split {cfg.data.train_split!r} has no captions")
+    part = build_partition(
+        list(grouped),
+        [caption_class(c[0].caption) for c in grouped.values()],
+        num_clients=len(mine),
+        alpha=fed.alpha,
+        min_size=max(1, min(fed.min_partition_size, len(grouped) // max(1, len(mine)))),
+        seed=derive_seed(cfg.seed, "generation-partition"),
+    )
+    return _relabel(part, mine, names)
+
+
+def _client_data(cfg: Config, name: str, vqa: Sequence, captions: Sequence) -> ClientData:
+    train, val = split_local_val(vqa, cfg.train.local_val_fraction, derive_seed(cfg.seed, "local-val", name))
+    gen_train, gen_val = split_local_val(
+        captions, cfg.train.local_val_fraction, derive_seed(cfg.seed, "local-val-captions", name)
+    )
+    return ClientData(train=train, val=val, gen_train=gen_train, gen_val=gen_val)
+
+
+def local_client_data(cfg: Config, name: str, vqa: Sequence, captions: Sequence, *, task: str) -> ClientData:
+    """A site's data when all of its split is its own (production), for its task mix."""
+    vqa = vqa if task in ("understanding", "both") else []
+    captions = captions if task in ("generation", "both") else []
+    return _client_data(cfg, name, vqa, captions)
+
+
+def client_splits(
+    cfg: Config,
+    train: Sequence,
+    partition: Partition,
+    captions: Sequence = (),
+    gen_partition: Partition | None = None,
+) -> dict[str, ClientData]:
+    """Per client: local training and validation examples (VQA and captions)."""
     by_id = {s.question_id: s for s in train}
+    by_image: dict[int, list] = {}
+    for c in captions:
+        by_image.setdefault(c.image_id, []).append(c)
     out = {}
     for name, qids in partition.clients.items():
         samples = [by_id[q] for q in qids]
-        out[name] = split_local_val(
-            samples, cfg.train.local_val_fraction, derive_seed(cfg.seed, "local-val", name)
-        )
+        mine = [
+            c for i in (gen_partition.clients.get(name, ()) if gen_partition else ()) for c in by_image[i]
+        ]
+        out[name] = _client_data(cfg, name, samples, mine)
     return out
 
 
@@ -123,6 +218,7 @@ def build_family(cfg: Config) -> tuple[JanusFamily, int]:
         device=cfg.model.device,
         prompt_template=cfg.model.prompt_template,
         max_answer_tokens=cfg.model.max_answer_tokens,
+        alignment_tokens=cfg.lora.alignment_tokens,
     )
     full_bytes = family.full_model_bytes()
     spec = LoraSpec(
@@ -136,21 +232,29 @@ def build_family(cfg: Config) -> tuple[JanusFamily, int]:
     return family, full_bytes
 
 
-def load_client(cfg: Config, partition_path: str | Path, client: str) -> tuple[JanusFamily, list, list]:
-    """Everything one client process needs: its model and its (train, local val) data."""
+def load_client(cfg: Config, partition_path: str | Path, client: str) -> tuple[JanusFamily, ClientData]:
+    """Everything one client process needs: its model and its local data.
+
+    ``partition_path`` is the run's partition.json; a generation_partition.json beside it assigns
+    caption images.
+    """
     data = load_data(cfg, eval_splits=False)
     part = load_partition(partition_path)
     if client not in part.clients:
         raise ConfigError(
             f"client {client!r} is not in {partition_path} (clients: {', '.join(part.clients)})"
         )
-    by_id = {s.question_id: s for s in data.train}
-    samples = [by_id[q] for q in part.clients[client]]
-    train, val = split_local_val(
-        samples, cfg.train.local_val_fraction, derive_seed(cfg.seed, "local-val", client)
+    gen_path = Path(partition_path).with_name(GENERATION_PARTITION)
+    gen_part = load_partition(gen_path) if data.captions and gen_path.is_file() else None
+    splits = client_splits(
+        cfg,
+        data.train,
+        Partition(clients={client: part.clients[client]}, answer_counts={client: part.answer_counts[client]}),
+        data.captions,
+        gen_part,
     )
     family, _ = build_family(cfg)
-    return family, train, val
+    return family, splits[client]
 
 
 def resume_experiment(out_dir: str | Path, *, progress: Progress | None = None) -> dict:
@@ -185,7 +289,11 @@ def run_experiment(
 
     partition = make_partition(cfg, data.train)
     save_partition(partition, run.path / "partition.json")
-    splits = client_splits(cfg, data.train, partition)
+    gen_partition = None
+    if data.captions:
+        gen_partition = make_generation_partition(cfg, data.captions)
+        save_partition(gen_partition, run.path / GENERATION_PARTITION)
+    splits = client_splits(cfg, data.train, partition, data.captions, gen_partition)
 
     family, full_bytes = build_family(cfg)
     initial = get_adapter_state(family.model)
@@ -197,6 +305,37 @@ def run_experiment(
         acc = evaluate_vqa(family, samples, batch_size=bs, progress=lambda d, t: progress.update("eval", d))
         progress.finish("eval")
         return acc
+
+    prompts = (
+        load_prompts(cfg.geneval.metadata, per_tag=cfg.geneval.per_tag, seed=cfg.seed)
+        if cfg.geneval.enabled
+        else []
+    )
+    gen_spec = GenerationEvalSpec(
+        images_per_prompt=cfg.geneval.images_per_prompt,
+        guidance_scale=cfg.geneval.guidance_scale,
+        temperature=cfg.geneval.temperature,
+        seed=derive_seed(cfg.seed, "geneval"),
+        grid_prompts=cfg.geneval.grid_prompts,
+    )
+
+    def evaluate_gen(state: AdapterState, label: str, grid_name: str) -> dict[str, float]:
+        """GenEval overall and per tag (percent), with an image grid; {} when GenEval is off."""
+        if not prompts:
+            return {}
+        set_adapter_state_(family.model, state)
+        n_batches = -(-len(prompts) // gen_spec.prompts_per_batch)
+        progress.start("geneval", f"GenEval {label}", n_batches)
+        result = evaluate_generation(
+            family,
+            prompts,
+            spec=gen_spec,
+            grid_path=run.path / "geneval" / f"{grid_name}.png" if gen_spec.grid_prompts else None,
+            grid_title=f"{cfg.name}: {label}",
+            progress=lambda d, t: progress.update("geneval", d),
+        )
+        progress.finish("geneval")
+        return flat_metrics(result)
 
     summary: dict = {
         "name": cfg.name,
@@ -230,19 +369,26 @@ def run_experiment(
         if cfg.baselines.zero_shot and summary["zero_shot"] is None:
             acc = evaluate(initial, data.test, "zero-shot (test)")
             val_baselines["zero-shot"] = evaluate(initial, data.val, "zero-shot (val)")
-            summary["zero_shot"] = {"vqa_accuracy": acc, "val_vqa_accuracy": val_baselines["zero-shot"]}
+            summary["zero_shot"] = {
+                "vqa_accuracy": acc,
+                "val_vqa_accuracy": val_baselines["zero-shot"],
+                **evaluate_gen(initial, "zero-shot", "zero-shot"),
+            }
         if cfg.baselines.centralized and summary["centralized"] is None:
             t0 = time.perf_counter()
             set_adapter_state_(family.model, initial)
-            pooled = [s for train, _ in splits.values() for s in train]
+            pooled = [s for d in splits.values() for s in d.train]
+            pooled_gen = [s for d in splits.values() for s in d.gen_train]
             spec = train_spec(cfg, fed.rounds * cfg.train.local_epochs)
-            progress.start("central", "centralized baseline: steps", num_steps(len(pooled), spec))
+            steps = num_steps(len(pooled), spec, len(pooled_gen))
+            progress.start("central", "centralized baseline: steps", steps)
             res = train_local(
                 family,
                 pooled,
                 spec=spec,
                 seed=derive_seed(cfg.seed, "centralized"),
                 progress=lambda d, t: progress.update("central", d),
+                gen_samples=pooled_gen,
             )
             progress.finish("central")
             central_state = get_adapter_state(family.model)
@@ -252,11 +398,12 @@ def run_experiment(
                 "vqa_accuracy": acc,
                 "val_vqa_accuracy": val_baselines["centralized"],
                 "train_loss": res.loss,
+                **evaluate_gen(central_state, "centralized", "centralized"),
                 "wall_time_s": time.perf_counter() - t0,
             }
             run.write_summary(summary)
 
-        strategy = make_strategy(fed.strategy, **fed.strategy_params)
+        strategy = make_strategy(fed.strategy, group_strategies=fed.group_strategies, **fed.strategy_params)
         strategy.load_state_dict(server_state)
         rounds_done: list[dict] = run.read_rounds()
         progress.start("rounds", "federated rounds", fed.rounds)
@@ -272,7 +419,8 @@ def run_experiment(
             progress.update("rounds", record.round)
 
         def eval_round(state: AdapterState, rnd: int) -> dict[str, float]:
-            return {"vqa_accuracy": evaluate(state, data.val, f"round {rnd} (val)")}
+            metrics = {"vqa_accuracy": evaluate(state, data.val, f"round {rnd} (val)")}
+            return metrics | evaluate_gen(state, f"round {rnd}", f"round-{rnd:04d}")
 
         t_fed = time.perf_counter()
         if cfg.engine == "inprocess":
@@ -326,6 +474,8 @@ def run_experiment(
             "vqa_accuracy": evaluate(final, data.test, "federated (test)"),
             "val_vqa_accuracy": rounds_done[-1]["global"]["vqa_accuracy"],
             "rounds": fed.rounds,
+            # the last round's generations are those of the final adapter (same prompts and seed)
+            **{k: v for k, v in rounds_done[-1]["global"].items() if k.startswith("geneval_")},
             "wall_time_s": time.perf_counter() - t_fed,
         }
         set_adapter_state_(family.model, final)
@@ -350,6 +500,23 @@ def _finish(run: RunDir, summary: dict, val_baselines: dict, t_start: float) -> 
         if val_baselines["zero-shot"] is not None:
             xs, ys = [0, *xs], [val_baselines["zero-shot"], *ys]
         plot_accuracy_per_round(run.path / "accuracy_per_round.png", xs, ys, baselines=val_baselines)
+        if "geneval_overall" in rounds[0]["global"]:
+            base = {
+                name: (summary.get(key) or {}).get("geneval_overall")
+                for name, key in (("zero-shot", "zero_shot"), ("centralized", "centralized"))
+            }
+            xs = [r["round"] for r in rounds]
+            ys = [r["global"]["geneval_overall"] for r in rounds]
+            if base["zero-shot"] is not None:
+                xs, ys = [0, *xs], [base["zero-shot"], *ys]
+            plot_accuracy_per_round(
+                run.path / "geneval_per_round.png",
+                xs,
+                ys,
+                baselines=base,
+                title="GenEval overall (built-in detector)",
+                ylabel="GenEval overall (%)",
+            )
     summary["rounds_completed"] = len(rounds)
     summary["wall_time_s"] = time.perf_counter() - t_start
     summary["peak_rss_bytes"] = peak_rss_bytes()

@@ -263,7 +263,7 @@ def _build(sweep: Sweep, name: str, settings: dict[str, Any], extra: dict[str, A
         raise ConfigError(f"{sweep.path}: cell {name}: {msg}") from None
     fed = cfg.federation
     try:  # strategy hyperparameters are only checked when the strategy is built
-        make_strategy(fed.strategy, **fed.strategy_params)
+        make_strategy(fed.strategy, group_strategies=fed.group_strategies, **fed.strategy_params)
     except (TypeError, ValueError, FedummError) as exc:
         raise ConfigError(
             f"{sweep.path}: cell {name}: federation.strategy_params {fed.strategy_params} "

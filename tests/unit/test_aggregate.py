@@ -127,3 +127,63 @@ def test_group_nobody_trained_keeps_global():
     )
     out = make_strategy("fedavg").aggregate(global_state=g, updates=[u], group_of=lambda k: k.split(".")[0])
     assert float(out["vis.a"]) == 9.0 and float(out["lang.a"]) == 1.0
+
+
+def _two_groups(score_u1: dict, score_u2: dict):
+    u1 = ClientUpdate(
+        client_id="u1",
+        state={"vision.a": torch.tensor([2.0]), "generation.a": torch.tensor([0.0])},
+        num_examples=10,
+        group_examples={"vision": 10, "generation": 0},
+        metrics=score_u1,
+    )
+    u2 = ClientUpdate(
+        client_id="u2",
+        state={"vision.a": torch.tensor([4.0]), "generation.a": torch.tensor([6.0])},
+        num_examples=10,
+        group_examples={"vision": 10, "generation": 10},
+        metrics=score_u2,
+    )
+    g = {"vision.a": torch.tensor([0.0]), "generation.a": torch.tensor([1.0])}
+    return g, [u1, u2]
+
+
+def test_quality_weighted_uses_each_groups_own_score():
+    g, updates = _two_groups(
+        {"val_score": 0.2, "val_score_vision": 0.2},
+        {"val_score": 0.8, "val_score_vision": 0.8, "val_score_generation": 0.1},
+    )
+    out = make_strategy("quality_weighted", cap=2.0).aggregate(
+        global_state=g, updates=updates, group_of=lambda k: k.split(".")[0]
+    )
+    # vision: scores 0.2, 0.8, median 0.5 -> q = 0.5 (clamped), 1.6 -> (0.5*2 + 1.6*4) / 2.1
+    assert float(out["vision.a"]) == pytest.approx((0.5 * 2 + 1.6 * 4) / 2.1)
+    # generation: only u2 trained it; its low generation score cannot be compared with anyone
+    assert float(out["generation.a"]) == 6.0
+
+
+def test_group_strategies_aggregate_each_group_with_its_own_rule():
+    g, updates = _two_groups({"val_score": 0.2}, {"val_score": 0.8})
+    strategy = make_strategy("fedavg", group_strategies={"generation": "fedadam"})
+    out = strategy.aggregate(global_state=g, updates=updates, group_of=lambda k: k.split(".")[0])
+    assert float(out["vision.a"]) == 3.0  # FedAvg
+    assert float(out["generation.a"]) != 6.0  # FedAdam takes a server-optimizer step, not the mean
+    plain = make_strategy("fedadam").aggregate(
+        global_state={"generation.a": g["generation.a"]},
+        updates=[
+            type(u)(**{**u.__dict__, "state": {"generation.a": u.state["generation.a"]}}) for u in updates
+        ],
+        group_of=lambda k: k.split(".")[0],
+    )
+    assert torch.equal(out["generation.a"], plain["generation.a"])
+    assert set(strategy.state_dict()) and all(k.startswith("generation/") for k in strategy.state_dict())
+    fresh = make_strategy("fedavg", group_strategies={"generation": "fedadam"})
+    fresh.load_state_dict(strategy.state_dict())
+    assert fresh.state_dict().keys() == strategy.state_dict().keys()
+
+
+def test_group_strategies_must_agree_on_client_hooks():
+    from fedumm.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="group_strategies.generation"):
+        make_strategy("fedavg", group_strategies={"generation": "ffa_lora"})

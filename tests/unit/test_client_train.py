@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fedumm.client.train import TrainSpec, num_steps, run_client_round, train_local
+from fedumm.client.train import ClientData, TrainSpec, num_steps, run_client_round, train_local
 from fedumm.data.vqa import load_split
 from fedumm.models.base import LoraSpec
 from fedumm.models.janus import JanusFamily
@@ -57,8 +57,7 @@ def test_ffa_lora_keeps_a_frozen_and_restores_trainability(fam_and_data):
         fam,
         client_id="site-01",
         global_state=start,
-        train_samples=data,
-        val_samples=data[:4],
+        data=ClientData(train=data, val=data[:4]),
         spec=TrainSpec(batch_size=8, lr=0.01),
         base_seed=0,
         rnd=1,
@@ -74,3 +73,4 @@ def test_ffa_lora_keeps_a_frozen_and_restores_trainability(fam_and_data):
 def test_num_steps_counts_accumulated_steps():
     assert num_steps(100, TrainSpec(batch_size=16, grad_accum=1, epochs=2)) == 14  # 7 batches x 2
     assert num_steps(100, TrainSpec(batch_size=16, grad_accum=3, epochs=1)) == 3  # 7 batches -> 3, 3, 1
+    assert num_steps(100, TrainSpec(batch_size=16), 40) == 10  # 7 VQA + 3 caption batches

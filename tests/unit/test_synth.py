@@ -75,8 +75,9 @@ def test_split_size_does_not_change_other_splits(tmp_path: Path) -> None:
 
 def test_progress_and_manifest(tmp_path: Path) -> None:
     calls: list[tuple[str, int, int]] = []
-    manifest = synth.synthesize(tmp_path, seed=0, images={"val": 3, "public": 2},
-                                progress=lambda *args: calls.append(args))
+    manifest = synth.synthesize(
+        tmp_path, seed=0, images={"val": 3, "public": 2}, progress=lambda *args: calls.append(args)
+    )
     assert manifest.split_names == ("public", "val")
     assert calls == [("public", 1, 2), ("public", 2, 2), ("val", 1, 3), ("val", 2, 3), ("val", 3, 3)]
     world = read(manifest.world_path)
@@ -126,8 +127,14 @@ def test_annotations_format(world: synth.WorldManifest) -> None:
         questions = questions_by_id(files)
         assert [a["question_id"] for a in doc["annotations"]] == list(questions)
         for a in doc["annotations"]:
-            assert set(a) == {"question_type", "multiple_choice_answer", "answers", "image_id", "answer_type",
-                              "question_id"}
+            assert set(a) == {
+                "question_type",
+                "multiple_choice_answer",
+                "answers",
+                "image_id",
+                "answer_type",
+                "question_id",
+            }
             assert a["image_id"] == questions[a["question_id"]]["image_id"]
             assert a["answer_type"] in {"yes/no", "number", "other"}
             assert questions[a["question_id"]]["question"].startswith(a["question_type"])
@@ -141,13 +148,23 @@ def test_captions_and_scenes_format(world: synth.WorldManifest) -> None:
     for files in world.splits:
         captions = read(files.captions_path)
         assert set(captions) == {"info", "licenses", "images", "annotations"}
-        assert len(captions["images"]) == len(captions["annotations"]) == files.num_images
-        for image, cap in zip(captions["images"], captions["annotations"], strict=True):
+        per_image = 1 if files.name == "public" else 2  # canonical + prompt-style outside public
+        assert len(captions["images"]) == files.num_images
+        assert len(captions["annotations"]) == per_image * files.num_images
+        ids = [c["id"] for c in captions["annotations"]]
+        assert len(set(ids)) == len(ids)
+        by_image = {}
+        for cap in captions["annotations"]:
+            assert set(cap) == {"id", "image_id", "caption"}
+            by_image.setdefault(cap["image_id"], []).append(cap["caption"])
+        for image in captions["images"]:
             assert set(image) == {"id", "file_name", "width", "height"}
-            assert set(cap) == {"id", "image_id", "caption"} and cap["image_id"] == image["id"]
             assert image["file_name"] == f"COCO_{files.name}_{image['id']:012d}.jpg"
             assert (files.image_dir / image["file_name"]).is_file()
-            assert cap["caption"].endswith(".")
+            texts = by_image[image["id"]]
+            assert len(texts) == per_image and texts[0].endswith(".")
+            if per_image == 2:
+                assert not texts[1].endswith(".") and texts[1] != texts[0]
         scenes = render.load_scenes(files.scenes_path)
         assert sorted(scenes) == [i["id"] for i in captions["images"]]
         for record in read(files.scenes_path)["scenes"]:
@@ -243,17 +260,24 @@ def test_split_statistics(big: synth.WorldManifest) -> None:
         assert set(counts) == set(range(lo, hi + 1))
     priv = annotations(big.split("private"))
     questions = questions_by_id(big.split("private"))
-    hard = [a for a in priv if a["question_type"] in {"is the", "where is the"}
-            or (a["question_type"] == "how many" and questions[a["question_id"]]["question"]
-                != "how many objects are there?")]
+    hard = [
+        a
+        for a in priv
+        if a["question_type"] in {"is the", "where is the"}
+        or (
+            a["question_type"] == "how many"
+            and questions[a["question_id"]]["question"] != "how many objects are there?"
+        )
+    ]
     assert 0.4 <= len(hard) / len(priv) <= 0.6
     numbers = {a["multiple_choice_answer"] for a in priv if a["answer_type"] == "number"}
     assert numbers == {"0", "1", "2", "3", "4"}
     where = {a["multiple_choice_answer"] for a in priv if a["question_type"] == "where is the"}
     assert where == set(render.RELATIONS)
     for split in ("public", "private"):
-        yes_no = [a["multiple_choice_answer"] for a in annotations(big.split(split))
-                  if a["answer_type"] == "yes/no"]
+        yes_no = [
+            a["multiple_choice_answer"] for a in annotations(big.split(split)) if a["answer_type"] == "yes/no"
+        ]
         assert 0.35 <= yes_no.count("yes") / len(yes_no) <= 0.65
 
 
@@ -365,3 +389,35 @@ def test_load_scenes_errors(tmp_path: Path) -> None:
     bad.write_text('{"scenes": [{"image_id": 1, "objects": [{"shape": "blob"}]}]}')
     with pytest.raises(DataError, match="bad.json"):
         render.load_scenes(bad)
+
+
+def test_prompt_captions_are_true_and_use_every_style() -> None:
+    rng = np.random.default_rng(0)
+    seen_styles = set()
+    for i in range(300):
+        scene = render.sample_scene(rng, n_objects=int(rng.integers(1, 5)), allowed=render.all_combos())
+        text = render.prompt_caption(scene, np.random.default_rng(i))
+        words = synth.tokenize(text)
+        assert set(words) <= set(synth.VOCABULARY), text
+        combos = {(o.colour, o.shape) for o in scene.objects}
+        shapes = Counter(o.shape for o in scene.objects)
+        for a, b in zip(words, words[1:], strict=False):
+            if a in COLOURS:  # every "colour shape" pair is in the scene
+                assert (a, b) in combos, (text, combos)
+                seen_styles.add("colours")
+        for n, word in enumerate(("two", "three", "four"), start=2):
+            for j, w in enumerate(words[:-1]):
+                if w == word:  # "two circles": exactly that many of that shape
+                    assert shapes[words[j + 1].removesuffix("s")] == n, text
+                    seen_styles.add("counts")
+        if "left" in words or "right" in words or "above" in words or "below" in words:
+            seen_styles.add("position")
+            assert len(scene.objects) == 2
+            first = min(scene.objects, key=lambda o: (o.cx, o.cy))
+            second = max(scene.objects, key=lambda o: (o.cx, o.cy))
+            rel, _ = render.relation(first, second)
+            named = [w for w in words if w in render.SHAPES]
+            assert named == [first.shape, second.shape] and rel in words, (text, rel)
+        mentioned = [w.removesuffix("s") for w in words if w.removesuffix("s") in render.SHAPES]
+        assert set(mentioned) == set(shapes), text  # every shape named, none invented
+    assert seen_styles == {"colours", "counts", "position"}

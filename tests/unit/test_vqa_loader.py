@@ -69,12 +69,17 @@ def test_real_vqa_layout_and_custom_pattern(world: synth.WorldManifest, tmp_path
     samples = load_split(tmp_path, "train2014")
     assert len(samples) == files.num_questions
     assert all(s.image_path.parent == tmp_path / "train2014" for s in samples)
-    custom = load_vqa(files.questions_path, files.annotations_path, files.image_dir,
-                      image_name_pattern="COCO_{data_subtype}_{image_id:012d}.jpg")
+    custom = load_vqa(
+        files.questions_path,
+        files.annotations_path,
+        files.image_dir,
+        image_name_pattern="COCO_{data_subtype}_{image_id:012d}.jpg",
+    )
     assert [s.image_path for s in custom] == [s.image_path for s in load_split(world.root, "private")]
     with pytest.raises(ValueError, match="image_name_pattern"):
-        load_vqa(files.questions_path, files.annotations_path, files.image_dir,
-                 image_name_pattern="{split}.jpg")
+        load_vqa(
+            files.questions_path, files.annotations_path, files.image_dir, image_name_pattern="{split}.jpg"
+        )
 
 
 def test_check_images_false_skips_image_checks(world: synth.WorldManifest, tmp_path: Path) -> None:

@@ -17,7 +17,16 @@ from fedumm.types import AdapterState, ClientUpdate
 
 log = logging.getLogger(__name__)
 
-__all__ = ["TrainSpec", "TrainResult", "train_local", "evaluate_vqa", "run_client_round", "split_local_val"]
+__all__ = [
+    "ClientData",
+    "TrainSpec",
+    "TrainResult",
+    "evaluate_captions",
+    "evaluate_vqa",
+    "run_client_round",
+    "split_local_val",
+    "train_local",
+]
 
 Progress = Callable[[int, int], None]  # (steps done, steps total)
 
@@ -40,12 +49,52 @@ class TrainResult:
     loss: float  # mean loss over the last epoch
     steps: int  # optimizer steps
     examples: int  # examples per epoch
+    caption_loss: float | None = None  # mean text-to-image loss over the last epoch
 
 
-def num_steps(n: int, spec: TrainSpec) -> int:
-    """Optimizer steps that ``train_local`` takes on ``n`` examples."""
-    batches = math.ceil(n / spec.batch_size)
+@dataclass(frozen=True, kw_only=True)
+class ClientData:
+    """One client's local data: VQA (understanding) and caption (generation) examples, train and val."""
+
+    train: Sequence = ()
+    val: Sequence = ()
+    gen_train: Sequence = ()
+    gen_val: Sequence = ()
+
+    @property
+    def num_examples(self) -> int:
+        return len(self.train) + len(self.gen_train)
+
+    def group_examples(self) -> dict[str, int]:
+        """Examples that trained each adapter group (per-modality aggregation weights)."""
+        n_u, n_g = len(self.train), len(self.gen_train)
+        both = n_u + n_g
+        return {"vision": n_u, "generation": n_g, "language": both, "alignment": both, "other": both}
+
+
+def num_steps(n: int, spec: TrainSpec, n_gen: int = 0) -> int:
+    """Optimizer steps that ``train_local`` takes on ``n`` VQA and ``n_gen`` caption examples."""
+    batches = math.ceil(n / spec.batch_size) + math.ceil(n_gen / spec.batch_size)
     return spec.epochs * math.ceil(batches / spec.grad_accum)
+
+
+def _epoch_batches(
+    n: int, n_gen: int, spec: TrainSpec, gen: torch.Generator, gen_gen: torch.Generator
+) -> list[tuple[str, list[int]]]:
+    """One epoch's batches: ('vqa' | 'caption', indices), task order shuffled when both are present."""
+    batches: list[tuple[str, list[int]]] = []
+    if n:
+        order = torch.randperm(n, generator=gen).tolist()
+        batches += [("vqa", order[i : i + spec.batch_size]) for i in range(0, n, spec.batch_size)]
+    if n_gen:
+        order = torch.randperm(n_gen, generator=gen_gen).tolist()
+        caption = [("caption", order[i : i + spec.batch_size]) for i in range(0, n_gen, spec.batch_size)]
+        if batches:
+            mixed = batches + caption
+            batches = [mixed[i] for i in torch.randperm(len(mixed), generator=gen_gen).tolist()]
+        else:
+            batches = caption
+    return batches
 
 
 def train_local(
@@ -56,33 +105,43 @@ def train_local(
     seed: int,
     progress: Progress | None = None,
     proximal_mu: float = 0.0,
+    gen_samples: Sequence = (),
+    cfg_drop_prob: float = 0.1,
 ) -> TrainResult:
     """E epochs of AdamW with gradient accumulation over ``samples``, seeded shuffling; trains in place.
 
-    ``proximal_mu`` > 0 adds FedProx's mu/2 * ||w - w_start||^2 over the trainable adapter weights,
-    anchored at the weights the call starts from (the global adapter).
+    ``gen_samples`` (caption examples) add text-to-image batches, shuffled in among the VQA batches;
+    each optimizer step sees one task. ``proximal_mu`` > 0 adds FedProx's mu/2 * ||w - w_start||^2
+    over the trainable adapter weights, anchored at the weights the call starts from (the global
+    adapter).
     """
-    if not samples:
+    if not samples and not gen_samples:
         raise ConfigError("train_local: no training samples")
     model = family.model
     params = [p for p in model.parameters() if p.requires_grad]
     anchors = [p.detach().clone() for p in params] if proximal_mu > 0 else []
     opt = torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
     gen = torch.Generator().manual_seed(seed)
-    total = num_steps(len(samples), spec)
+    gen_gen = torch.Generator().manual_seed(derive_seed(seed, "captions"))
+    total = num_steps(len(samples), spec, len(gen_samples))
     step = 0
-    last_epoch_losses: list[float] = []
+    last_epoch_losses: dict[str, list[float]] = {}
     model.train()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # LoRA dropout, if any
         for _ in range(spec.epochs):
-            order = torch.randperm(len(samples), generator=gen).tolist()
-            batches = [order[i : i + spec.batch_size] for i in range(0, len(order), spec.batch_size)]
-            last_epoch_losses = []
+            batches = _epoch_batches(len(samples), len(gen_samples), spec, gen, gen_gen)
+            last_epoch_losses = {"vqa": [], "caption": []}
             opt.zero_grad(set_to_none=True)
-            for b, idx in enumerate(batches):
-                batch = family.vqa_batch([samples[i] for i in idx], with_answers=True)
-                loss = family.vqa_loss(batch)
+            for b, (task, idx) in enumerate(batches):
+                if task == "vqa":
+                    batch = family.vqa_batch([samples[i] for i in idx], with_answers=True)
+                    loss = family.vqa_loss(batch)
+                else:
+                    batch = family.caption_batch(
+                        [gen_samples[i] for i in idx], generator=gen_gen, cfg_drop_prob=cfg_drop_prob
+                    )
+                    loss = family.caption_loss(batch)
                 total_loss = loss
                 if anchors:
                     prox = sum((p - a).pow(2).sum() for p, a in zip(params, anchors, strict=True))
@@ -90,7 +149,7 @@ def train_local(
                 # scale so that an accumulated step averages over its micro-batches
                 group = min(spec.grad_accum, len(batches) - (b // spec.grad_accum) * spec.grad_accum)
                 (total_loss / group).backward()
-                last_epoch_losses.append(float(loss.detach()))
+                last_epoch_losses[task].append(float(loss.detach()))
                 if (b + 1) % spec.grad_accum == 0 or b + 1 == len(batches):
                     if spec.max_grad_norm:
                         torch.nn.utils.clip_grad_norm_(params, spec.max_grad_norm)
@@ -100,8 +159,35 @@ def train_local(
                     if progress:
                         progress(step, total)
     model.eval()
-    mean_loss = sum(last_epoch_losses) / len(last_epoch_losses)
-    return TrainResult(loss=mean_loss, steps=step, examples=len(samples))
+    everything = last_epoch_losses["vqa"] + last_epoch_losses["caption"]
+    caption = last_epoch_losses["caption"]
+    return TrainResult(
+        loss=sum(everything) / len(everything),
+        steps=step,
+        examples=len(samples) + len(gen_samples),
+        caption_loss=sum(caption) / len(caption) if caption else None,
+    )
+
+
+@torch.no_grad()
+def evaluate_captions(family, samples: Sequence, *, batch_size: int = 64, seed: int = 0) -> float:
+    """Mean image-token cross-entropy of the current model on caption examples (no caption dropout)."""
+    if not samples:
+        raise ConfigError("evaluate_captions: no evaluation samples")
+    gen = torch.Generator().manual_seed(seed)
+    total, count = 0.0, 0
+    net = family.model if family.model is not None else family.base
+    was_training = net.training
+    net.eval()
+    try:
+        for i in range(0, len(samples), batch_size):
+            chunk = samples[i : i + batch_size]
+            batch = family.caption_batch(chunk, generator=gen, cfg_drop_prob=0.0)
+            total += float(family.caption_loss(batch)) * len(chunk)
+            count += len(chunk)
+    finally:
+        net.train(was_training)
+    return total / count
 
 
 def evaluate_vqa(
@@ -138,8 +224,7 @@ def run_client_round(
     *,
     client_id: str,
     global_state: AdapterState,
-    train_samples: Sequence,
-    val_samples: Sequence,
+    data: ClientData,
     spec: TrainSpec,
     base_seed: int,
     rnd: int,
@@ -150,6 +235,9 @@ def run_client_round(
     """One client's round: load the global adapter, train locally, score on local validation.
 
     ``proximal_mu`` and ``frozen_suffixes`` come from the strategy (FedProx's term; FFA-LoRA's frozen A).
+    Metrics: ``val_vqa_accuracy`` and ``val_caption_loss`` where the client has such validation
+    data; quality scores ``val_score_vision`` (VQA accuracy / 100), ``val_score_generation``
+    (exp(-caption loss), the mean per-token likelihood) and ``val_score`` (the first of the two).
     """
     set_adapter_state_(family.model, global_state)
     toggled = [
@@ -163,26 +251,37 @@ def run_client_round(
     try:
         result = train_local(
             family,
-            train_samples,
+            data.train,
             spec=spec,
             seed=derive_seed(base_seed, "client-train", client_id, rnd),
             progress=progress,
             proximal_mu=proximal_mu,
+            gen_samples=data.gen_train,
         )
     finally:
         for p in toggled:
             p.requires_grad_(True)
     metrics: dict[str, float] = {"train_loss": result.loss, "steps": float(result.steps)}
-    if val_samples:
-        acc = evaluate_vqa(family, val_samples, batch_size=spec.eval_batch_size)
-        metrics["val_score"] = acc / 100.0
+    if result.caption_loss is not None:
+        metrics["train_caption_loss"] = result.caption_loss
+    if data.val:
+        acc = evaluate_vqa(family, data.val, batch_size=spec.eval_batch_size)
+        metrics["val_score_vision"] = acc / 100.0
         metrics["val_vqa_accuracy"] = acc
+    if data.gen_val:
+        loss = evaluate_captions(family, data.gen_val, batch_size=spec.eval_batch_size)
+        metrics["val_caption_loss"] = loss
+        metrics["val_score_generation"] = math.exp(-loss)
+    for key in ("val_score_vision", "val_score_generation"):
+        if key in metrics:
+            metrics["val_score"] = metrics[key]
+            break
     return ClientUpdate(
         client_id=client_id,
         state=get_adapter_state(family.model),
-        num_examples=len(train_samples),
+        num_examples=data.num_examples,
         metrics=metrics,
-        group_examples=None,
+        group_examples=data.group_examples(),
     )
 
 

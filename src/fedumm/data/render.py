@@ -20,6 +20,7 @@ from PIL import Image, ImageDraw
 from fedumm.errors import DataError
 
 __all__ = [
+    "prompt_caption",
     "BACKGROUND",
     "CANVAS",
     "COLOURS",
@@ -164,6 +165,44 @@ def caption_scene(scene: Scene) -> str:
         rel, _ = relation(objs[0], objs[1])
         return f"{phrases[0]} {_CAPTION_REL[rel]} {phrases[1]}."
     return f"{', '.join(phrases[:-1])} and {phrases[-1]}."
+
+
+_COUNT_WORDS = ("zero", "one", "two", "three", "four")
+
+
+def _loose_phrase(obj: SceneObject, rng: np.random.Generator, *, colour: bool, size: bool) -> str:
+    words = [obj.size] if size and rng.random() < 0.5 else []
+    words += [obj.colour] if colour else []
+    return " ".join(["a", *words, obj.shape])
+
+
+def prompt_caption(scene: Scene, rng: np.random.Generator) -> str:
+    """A short, true, prompt-style description (the phrasings of a GenEval prompt), chosen by ``rng``.
+
+    Styles: every object with its colour ("a red circle and a large green square"), every object by
+    shape only, counts per shape ("two circles and a square") and, for two separated objects, their
+    relative position ("a circle to the left of a small square").
+    """
+    if not scene.objects:
+        raise ValueError("cannot caption an empty scene")
+    objs = sorted(scene.objects, key=lambda o: (o.cx, o.cy))
+    styles = ["colours", "shapes", "counts"]
+    if len(objs) == 2:
+        styles.append("position")
+    style = styles[int(rng.integers(len(styles)))]
+    if style == "counts":
+        counts: dict[str, int] = {}
+        for o in objs:
+            counts[o.shape] = counts.get(o.shape, 0) + 1
+        parts = [f"a {shape}" if n == 1 else f"{_COUNT_WORDS[n]} {shape}s" for shape, n in counts.items()]
+    elif style == "position":
+        rel, _ = relation(objs[0], objs[1])
+        a = _loose_phrase(objs[0], rng, colour=False, size=True)
+        b = _loose_phrase(objs[1], rng, colour=False, size=True)
+        return f"{a} {_CAPTION_REL[rel]} {b}"
+    else:
+        parts = [_loose_phrase(o, rng, colour=style == "colours", size=True) for o in objs]
+    return " and ".join(parts) if len(parts) <= 2 else f"{', '.join(parts[:-1])} and {parts[-1]}"
 
 
 def _check_inside(obj: SceneObject, canvas: int) -> None:

@@ -3,7 +3,10 @@
 The "public" split (pretraining) and the "private"/"val"/"test" splits differ on purpose:
 public scenes hold 1-3 objects, never show :data:`HELD_OUT_COMBOS` and are only asked colour,
 shape, existence and total-count questions; the other splits hold 2-4 objects of any combo and
-add spatial-relation, attribute-counting and held-out-existence questions.
+add spatial-relation, attribute-counting and held-out-existence questions. Every image has one
+canonical caption ("a small red circle to the left of a large blue square."); images outside the
+public split also have a second, prompt-style caption in GenEval's phrasings ("two circles and a
+square", "a circle to the left of a small square"), which pretraining never sees.
 """
 
 from __future__ import annotations
@@ -28,8 +31,16 @@ from fedumm.data.render import CANVAS, COLOURS, RELATIONS, SHAPES, SIZES, Scene,
 from fedumm.data.vqa import majority_answer
 
 __all__ = [
-    "DEFAULT_IMAGES", "FORMAT_VERSION", "HELD_OUT_COMBOS", "SPLITS", "VOCABULARY", "SplitFiles",
-    "WorldManifest", "image_file_name", "synthesize", "tokenize",
+    "DEFAULT_IMAGES",
+    "FORMAT_VERSION",
+    "HELD_OUT_COMBOS",
+    "SPLITS",
+    "VOCABULARY",
+    "SplitFiles",
+    "WorldManifest",
+    "image_file_name",
+    "synthesize",
+    "tokenize",
 ]
 
 logger = logging.getLogger(__name__)
@@ -54,21 +65,34 @@ _PLURALS = {shape: f"{shape}s" for shape in SHAPES}
 _TEMPLATE_WORDS = (
     "what color is the shape object is there a an how many objects are where relative to of and yes no"
 ).split()
-VOCABULARY: tuple[str, ...] = tuple(sorted(
-    {*_TEMPLATE_WORDS, *SHAPES, *_PLURALS.values(), *COLOURS, *SIZES, *RELATIONS, *NUMBER_WORDS, *DIGITS}
-    | {"?", ".", ","}
-))
+VOCABULARY: tuple[str, ...] = tuple(
+    sorted(
+        {*_TEMPLATE_WORDS, *SHAPES, *_PLURALS.values(), *COLOURS, *SIZES, *RELATIONS, *NUMBER_WORDS, *DIGITS}
+        | {"?", ".", ","}
+    )
+)
 """Every token of a generated question, caption or canonical answer (see :func:`tokenize`)."""
 
 _PUBLIC_KINDS = MappingProxyType({"colour": 0.25, "shape": 0.25, "existence": 0.3, "count": 0.2})
 # About half of the other splits' questions are spatial or attribute-counting ones.
-_PRIVATE_KINDS = MappingProxyType({
-    "colour": 0.1, "shape": 0.1, "existence": 0.1, "count": 0.1, "held_out": 0.1,
-    "relation": 0.15, "where": 0.1, "attribute_count": 0.25,
-})
+_PRIVATE_KINDS = MappingProxyType(
+    {
+        "colour": 0.1,
+        "shape": 0.1,
+        "existence": 0.1,
+        "count": 0.1,
+        "held_out": 0.1,
+        "relation": 0.15,
+        "where": 0.1,
+        "attribute_count": 0.25,
+    }
+)
 _INFO = {
-    "description": "fedumm synthetic world in the VQA v2 format", "version": "2.0", "year": 2017,
-    "contributor": "fedumm", "date_created": "2017-04-26 17:00:44",
+    "description": "fedumm synthetic world in the VQA v2 format",
+    "version": "2.0",
+    "year": 2017,
+    "contributor": "fedumm",
+    "date_created": "2017-04-26 17:00:44",
 }
 _LICENSE = {
     "name": "Creative Commons Attribution 4.0 International License",
@@ -83,6 +107,7 @@ class _SplitConfig:
     kinds: Mapping[str, float]
     allowed: tuple[tuple[str, str], ...]
     held_out_include_prob: float
+    prompt_captions: bool  # a second, prompt-style caption per image (generation fine-tuning data)
 
 
 class _QA(NamedTuple):
@@ -132,10 +157,22 @@ class WorldManifest:
 def _config(split: str) -> _SplitConfig:
     if split == "public":
         allowed = tuple(c for c in render.all_combos() if c not in HELD_OUT_COMBOS)
-        return _SplitConfig(min_objects=1, max_objects=3, kinds=_PUBLIC_KINDS, allowed=allowed,
-                            held_out_include_prob=0.0)
-    return _SplitConfig(min_objects=2, max_objects=4, kinds=_PRIVATE_KINDS, allowed=render.all_combos(),
-                        held_out_include_prob=HELD_OUT_INCLUDE_PROB)
+        return _SplitConfig(
+            min_objects=1,
+            max_objects=3,
+            kinds=_PUBLIC_KINDS,
+            allowed=allowed,
+            held_out_include_prob=0.0,
+            prompt_captions=False,
+        )
+    return _SplitConfig(
+        min_objects=2,
+        max_objects=4,
+        kinds=_PRIVATE_KINDS,
+        allowed=render.all_combos(),
+        held_out_include_prob=HELD_OUT_INCLUDE_PROB,
+        prompt_captions=True,
+    )
 
 
 def tokenize(text: str) -> list[str]:
@@ -189,8 +226,9 @@ def _ask_shape(scene: Scene, rng: np.random.Generator, cfg: _SplitConfig) -> _QA
     return _QA(f"what shape is the {obj.colour} object?", obj.shape, "what shape is the", "other", wrong)
 
 
-def _existence(rng: np.random.Generator, scene: Scene, pool: tuple[tuple[str, str], ...],
-               p_yes: float) -> _QA:
+def _existence(
+    rng: np.random.Generator, scene: Scene, pool: tuple[tuple[str, str], ...], p_yes: float
+) -> _QA:
     present = {(o.colour, o.shape) for o in scene.objects}
     yes_pool = [c for c in pool if c in present]
     no_pool = [c for c in pool if c not in present]
@@ -256,11 +294,18 @@ def _ask_where(scene: Scene, rng: np.random.Generator, cfg: _SplitConfig) -> _QA
     return _QA(question, rel, "where is the", "other", _others(rel, RELATIONS))
 
 
-_ASKERS: Mapping[str, Callable[[Scene, np.random.Generator, _SplitConfig], _QA | None]] = MappingProxyType({
-    "colour": _ask_colour, "shape": _ask_shape, "existence": _ask_existence, "count": _ask_count,
-    "held_out": _ask_held_out, "relation": _ask_relation, "where": _ask_where,
-    "attribute_count": _ask_attribute_count,
-})
+_ASKERS: Mapping[str, Callable[[Scene, np.random.Generator, _SplitConfig], _QA | None]] = MappingProxyType(
+    {
+        "colour": _ask_colour,
+        "shape": _ask_shape,
+        "existence": _ask_existence,
+        "count": _ask_count,
+        "held_out": _ask_held_out,
+        "relation": _ask_relation,
+        "where": _ask_where,
+        "attribute_count": _ask_attribute_count,
+    }
+)
 
 
 def _ask(scene: Scene, rng: np.random.Generator, cfg: _SplitConfig, n_questions: int) -> list[_QA]:
@@ -348,7 +393,12 @@ def _sample_split_scene(rng: np.random.Generator, cfg: _SplitConfig) -> Scene:
 
 
 def _write_split(
-    out_dir: Path, split: str, n_images: int, *, seed: int, questions_per_image: int,
+    out_dir: Path,
+    split: str,
+    n_images: int,
+    *,
+    seed: int,
+    questions_per_image: int,
     progress: Callable[[str, int, int], None] | None,
 ) -> SplitFiles:
     split_index = SPLITS.index(split)
@@ -368,8 +418,19 @@ def _write_split(
             annotations.append(_annotation(qa, image_id, question_id, rng))
         cap_images.append({"id": image_id, "file_name": file_name, "width": CANVAS, "height": CANVAS})
         captions.append({"id": image_id, "image_id": image_id, "caption": render.caption_scene(scene)})
-        scenes.append({"image_id": image_id, "file_name": file_name,
-                       "objects": [o.as_dict() for o in scene.objects]})
+        if cfg.prompt_captions:
+            # a second, prompt-style caption from its own stream, so images and questions are unchanged
+            prompt_rng = np.random.default_rng(np.random.SeedSequence([seed, split_index, index, 1]))
+            captions.append(
+                {
+                    "id": image_id * 10 + 1,
+                    "image_id": image_id,
+                    "caption": render.prompt_caption(scene, prompt_rng),
+                }
+            )
+        scenes.append(
+            {"image_id": image_id, "file_name": file_name, "objects": [o.as_dict() for o in scene.objects]}
+        )
         if progress is not None:
             progress(split, index + 1, n_images)
     files = SplitFiles(
@@ -382,12 +443,25 @@ def _write_split(
         num_images=n_images,
         num_questions=len(questions),
     )
-    _write_json(files.questions_path, {"info": _INFO, "task_type": "Open-Ended", "data_type": "mscoco",
-                                       "license": _LICENSE, "data_subtype": split, "questions": questions})
-    _write_json(files.annotations_path, {"info": _INFO, "license": _LICENSE, "data_subtype": split,
-                                         "annotations": annotations})
-    _write_json(files.captions_path, {"info": _INFO, "licenses": [_LICENSE], "images": cap_images,
-                                      "annotations": captions})
+    _write_json(
+        files.questions_path,
+        {
+            "info": _INFO,
+            "task_type": "Open-Ended",
+            "data_type": "mscoco",
+            "license": _LICENSE,
+            "data_subtype": split,
+            "questions": questions,
+        },
+    )
+    _write_json(
+        files.annotations_path,
+        {"info": _INFO, "license": _LICENSE, "data_subtype": split, "annotations": annotations},
+    )
+    _write_json(
+        files.captions_path,
+        {"info": _INFO, "licenses": [_LICENSE], "images": cap_images, "annotations": captions},
+    )
     _write_json(files.scenes_path, {"data_subtype": split, "canvas": CANVAS, "scenes": scenes})
     logger.info("wrote split %s: %d images, %d questions", split, n_images, len(questions))
     return files
@@ -400,8 +474,9 @@ def _image_counts(images: Mapping[str, int] | None) -> dict[str, int]:
         raise ValueError(f"unknown split(s) {unknown}; expected a subset of {SPLITS}")
     for name, count in requested.items():
         if isinstance(count, bool) or not isinstance(count, int) or not 0 <= count < SPLIT_ID_STRIDE:
-            raise ValueError(f"image count for split {name!r} must be an int in [0, {SPLIT_ID_STRIDE}), "
-                             f"got {count!r}")
+            raise ValueError(
+                f"image count for split {name!r} must be an int in [0, {SPLIT_ID_STRIDE}), got {count!r}"
+            )
     return {name: requested[name] for name in SPLITS if name in requested}
 
 
@@ -434,12 +509,18 @@ def synthesize(
         for name, n in counts.items()
     )
     world_path = root / "world.json"
-    _write_json(world_path, {
-        "format_version": FORMAT_VERSION, "seed": seed, "canvas": CANVAS,
-        "questions_per_image": questions_per_image,
-        "splits": {s.name: {"images": s.num_images, "questions": s.num_questions} for s in splits},
-        "shapes": list(SHAPES), "colours": {name: list(rgb) for name, rgb in COLOURS.items()},
-        "sizes": dict(SIZES), "held_out_combos": [list(c) for c in HELD_OUT_COMBOS],
-    })
+    _write_json(
+        world_path,
+        {
+            "format_version": FORMAT_VERSION,
+            "seed": seed,
+            "canvas": CANVAS,
+            "questions_per_image": questions_per_image,
+            "splits": {s.name: {"images": s.num_images, "questions": s.num_questions} for s in splits},
+            "shapes": list(SHAPES),
+            "colours": {name: list(rgb) for name, rgb in COLOURS.items()},
+            "sizes": dict(SIZES),
+            "held_out_combos": [list(c) for c in HELD_OUT_COMBOS],
+        },
+    )
     return WorldManifest(root=root, seed=seed, world_path=world_path, splits=splits)
-

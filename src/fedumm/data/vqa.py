@@ -210,8 +210,9 @@ def load_vqa(
         image_path = Path(image_dir) / name_of(image_id)
         if check_images and image_id not in checked:
             if not image_path.is_file():
-                raise DataError(f"{image_path}: image file not found (needed by question_id {qid} "
-                                f"in {questions_path})")
+                raise DataError(
+                    f"{image_path}: image file not found (needed by question_id {qid} in {questions_path})"
+                )
             checked.add(image_id)
         record, answers = annotations[qid]
         samples.append(

@@ -12,7 +12,7 @@ from dataclasses import replace
 
 import torch
 
-from fedumm.client.train import TrainSpec, num_steps, run_client_round
+from fedumm.client.train import ClientData, TrainSpec, num_steps, run_client_round
 from fedumm.fl.compress import apply_delta, decode, delta_of, encode
 from fedumm.progress import NullProgress, Progress
 from fedumm.server.rounds import RoundOutcome
@@ -29,7 +29,7 @@ class InProcessEngine:
         self,
         *,
         family,
-        client_data: Mapping[str, tuple[Sequence, Sequence]],  # name -> (train samples, local val samples)
+        client_data: Mapping[str, ClientData],
         spec: TrainSpec,
         seed: int,
         progress: Progress | None = None,
@@ -56,14 +56,14 @@ class InProcessEngine:
         for i, cid in enumerate(clients):
             received, _ = unpack_state(down, sender="server")
             down_bytes[cid] = len(down)
-            train, val = self.client_data[cid]
-            self.progress.start("steps", f"{cid} local steps", num_steps(len(train), self.spec))
+            data = self.client_data[cid]
+            steps = num_steps(len(data.train), self.spec, len(data.gen_train))
+            self.progress.start("steps", f"{cid} local steps", steps)
             update = run_client_round(
                 self.family,
                 client_id=cid,
                 global_state=received,
-                train_samples=train,
-                val_samples=val,
+                data=data,
                 spec=self.spec,
                 base_seed=self.seed,
                 rnd=rnd,

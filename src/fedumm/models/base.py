@@ -25,10 +25,26 @@ class LoraSpec:
     target_modules: tuple[str, ...] = ()  # empty: each tower's default modules
 
 
-def attach_lora(model: torch.nn.Module, *, spec: LoraSpec, target: str, seed: int) -> PeftModel:
-    """Wrap ``model`` with peft LoRA; the backbone is frozen, only adapter weights train."""
+def attach_lora(
+    model: torch.nn.Module,
+    *,
+    spec: LoraSpec,
+    target: str,
+    seed: int,
+    trainable_tokens: dict[str, list[int]] | None = None,
+) -> PeftModel:
+    """Wrap ``model`` with peft LoRA; the backbone is frozen, only adapter weights train.
+
+    ``trainable_tokens`` (module name -> token ids) also trains those rows of an embedding through
+    peft's trainable-token adapter (the shared alignment tokens).
+    """
     config = LoraConfig(
-        r=spec.rank, lora_alpha=spec.alpha, lora_dropout=spec.dropout, target_modules=target, bias="none"
+        r=spec.rank,
+        lora_alpha=spec.alpha,
+        lora_dropout=spec.dropout,
+        target_modules=target,
+        bias="none",
+        trainable_token_indices=trainable_tokens or None,
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # the initial A matrices are the same on every client and server

@@ -76,6 +76,7 @@ class JanusFamily:
         prompt_template: str = "<image_placeholder> question: {question} answer:",
         max_answer_tokens: int = 3,
         device: torch.device | str = "cpu",
+        alignment_tokens: int = 0,
     ) -> None:
         if "{question}" not in prompt_template:
             raise ConfigError(f"model.prompt_template must contain '{{question}}', got {prompt_template!r}")
@@ -90,6 +91,35 @@ class JanusFamily:
         self.max_answer_tokens = max_answer_tokens
         self.device = torch.device(device)
         self.images = _ImageCache()
+        self._image_tokens: dict[Path, torch.Tensor] = {}  # frozen VQ codes of training images
+        self.alignment: tuple[str, ...] = ()
+        self._use_alignment(alignment_tokens)
+
+    def _use_alignment(self, n: int) -> None:
+        """Shared alignment tokens sit right after the image (understanding) and right before it
+        (generation: the prompt's last tokens before begin-of-image)."""
+        image_token = self.tokenizer.image_token
+        template = self.prompt_template.replace(image_token + "".join(self.alignment), image_token, 1)
+        self.alignment = self._alignment_tokens(n)
+        self.prompt_template = template.replace(image_token, image_token + "".join(self.alignment), 1)
+
+    def _alignment_tokens(self, n: int) -> tuple[str, ...]:
+        if n < 0:
+            raise ConfigError(f"lora.alignment_tokens must be >= 0, got {n}")
+        if n == 0:
+            return ()
+        names = tuple(f"<align_{i}>" for i in range(n))
+        vocab = self.tokenizer.get_vocab()
+        missing = [t for t in names if t not in vocab]
+        if missing:
+            raise ConfigError(
+                f"lora.alignment_tokens={n}: the checkpoint's tokenizer lacks {missing[0]!r}"
+                f" (it reserves {sum(t.startswith('<align_') for t in vocab)} alignment tokens)"
+            )
+        return names
+
+    def alignment_token_ids(self) -> list[int]:
+        return [int(i) for i in self.tokenizer.convert_tokens_to_ids(list(self.alignment))]
 
     # ---- loading ---------------------------------------------------------------------------------
     @classmethod
@@ -124,7 +154,13 @@ class JanusFamily:
         """Freeze the backbone and add the LoRA adapter (same initial A on every participant)."""
         for p in self.base.parameters():
             p.requires_grad_(False)
-        self.model = attach_lora(self.base, spec=spec, target=self.lora_target(spec), seed=seed)
+        self.model = attach_lora(
+            self.base,
+            spec=spec,
+            target=self.lora_target(spec),
+            seed=seed,
+            trainable_tokens={"embed_tokens": self.alignment_token_ids()} if self.alignment else None,
+        )
         n = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         if n == 0:
             raise ConfigError(
@@ -132,9 +168,32 @@ class JanusFamily:
             )
         return self.model
 
+    def load_adapter(self, path: str | Path) -> PeftModel:
+        """Load a saved peft adapter (e.g. a run's ``global_adapter/``), alignment tokens included."""
+        import json as _json
+
+        path = Path(path)
+        config_file = path / "adapter_config.json"
+        try:
+            config = _json.loads(config_file.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"{path}: not a peft adapter directory ({exc})") from None
+        tokens = (config.get("trainable_token_indices") or {}).get("embed_tokens") or []
+        self._use_alignment(len(tokens))
+        if self.alignment and self.alignment_token_ids() != list(tokens):
+            raise ConfigError(
+                f"{config_file}: trainable tokens {tokens} are not this model's alignment tokens"
+            )
+        for p in self.base.parameters():
+            p.requires_grad_(False)
+        self.model = PeftModel.from_pretrained(self.base, path, is_trainable=False)
+        return self.model
+
     @staticmethod
     def group_of(key: str) -> str:
-        """Tower of a canonical adapter key (per-modality aggregation)."""
+        """Tower of a canonical adapter key (per-modality aggregation); alignment tokens are their own."""
+        if ".trainable_tokens_" in key:
+            return "alignment"
         for g, prefix in TOWER_PREFIXES.items():
             if re.search(rf"(?:^|\.){prefix}\.", key):
                 return g
@@ -213,6 +272,61 @@ class JanusFamily:
             net.train(was_training)
         new = out[:, batch["input_ids"].shape[1] :]
         return [t.strip() for t in self.tokenizer.batch_decode(new, skip_special_tokens=True)]
+
+    # ---- generation (text -> image tokens) -----------------------------------------------------------
+    def generation_prompt(self, text: str) -> str:
+        """The text a caption or GenEval prompt becomes (alignment tokens appended)."""
+        return f"{text} {''.join(self.alignment)}" if self.alignment else text
+
+    def image_tokens(self, paths: Sequence[Path]) -> torch.Tensor:
+        """(N, h*w) image-token ids of the frozen VQ tokenizer, cached per image file."""
+        from fedumm.models.janus_generation import encode_images
+
+        todo = [p for p in dict.fromkeys(Path(p) for p in paths) if p not in self._image_tokens]
+        if todo:
+            codes = encode_images(self.base, self.processor, [self.images.get(p) for p in todo])
+            self._image_tokens.update(zip(todo, codes, strict=True))
+        return torch.stack([self._image_tokens[Path(p)] for p in paths])
+
+    def caption_batch(
+        self, samples: Sequence[Any], *, generator: torch.Generator, cfg_drop_prob: float = 0.1
+    ) -> dict[str, torch.Tensor]:
+        """Text-to-image training batch of caption samples (``caption``, ``image_path``)."""
+        from fedumm.models.janus_generation import t2i_batch
+
+        tokens = self.image_tokens([Path(s.image_path) for s in samples])
+        prompts = [self.generation_prompt(s.caption) for s in samples]
+        return t2i_batch(
+            self._net(), self.processor, prompts, tokens, cfg_drop_prob=cfg_drop_prob, generator=generator
+        )
+
+    def caption_loss(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Mean next-image-token cross-entropy (teacher forcing) through the adapter."""
+        from fedumm.models.janus_generation import t2i_loss
+
+        return t2i_loss(self._net(), dict(batch))
+
+    def generate(
+        self,
+        prompts: Sequence[str],
+        *,
+        images_per_prompt: int = 4,
+        guidance_scale: float = 3.0,
+        temperature: float = 1.0,
+        seed: int = 0,
+    ) -> list[Image.Image]:
+        """Sample images for ``prompts`` with classifier-free guidance (prompt-major order, seeded)."""
+        from fedumm.models.janus_generation import generate_images
+
+        return generate_images(
+            self._net(),
+            self.processor,
+            [self.generation_prompt(p) for p in prompts],
+            num_images_per_prompt=images_per_prompt,
+            guidance_scale=guidance_scale,
+            temperature=temperature,
+            seed=seed,
+        )
 
     def full_model_bytes(self) -> int:
         """Bytes of every backbone parameter at its stored dtype (what full fine-tuning would send)."""

@@ -23,6 +23,7 @@ from transformers import (
 )
 
 __all__ = [
+    "ALIGNMENT_TOKENS",
     "SPECIAL_TOKENS",
     "IMAGE_SIZE",
     "NUM_IMAGE_TOKENS",
@@ -40,6 +41,8 @@ SPECIAL_TOKENS = (
     "<begin_of_image>",
     "<end_of_image>",
 )
+# reserved for shared alignment tokens (see JanusFamily.alignment): learnable, placed between image and text
+ALIGNMENT_TOKENS = tuple(f"<align_{i}>" for i in range(4))
 IMAGE_SIZE = 64
 PATCH_SIZE = 16
 NUM_IMAGE_TOKENS = (IMAGE_SIZE // PATCH_SIZE) ** 2  # 16 understanding tokens (4x4 patches of 16 px)
@@ -47,7 +50,7 @@ NUM_IMAGE_TOKENS = (IMAGE_SIZE // PATCH_SIZE) ** 2  # 16 understanding tokens (4
 
 def build_tokenizer(words: Sequence[str]) -> PreTrainedTokenizerFast:
     """Word-level tokenizer: specials first, then the sorted unique vocabulary."""
-    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
+    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + ALIGNMENT_TOKENS)}
     for w in sorted(set(words) - set(SPECIAL_TOKENS)):
         vocab[w] = len(vocab)
     core = Tokenizer(WordLevel(vocab=vocab, unk_token="<unk>"))
@@ -58,7 +61,7 @@ def build_tokenizer(words: Sequence[str]) -> PreTrainedTokenizerFast:
     core.post_processor = processors.TemplateProcessing(
         single="<bos> $A", pair="<bos> $A $B", special_tokens=[("<bos>", vocab["<bos>"])]
     )
-    return PreTrainedTokenizerFast(
+    tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=core,
         pad_token="<pad>",
         unk_token="<unk>",
@@ -70,6 +73,9 @@ def build_tokenizer(words: Sequence[str]) -> PreTrainedTokenizerFast:
             "eoi_token": "<end_of_image>",
         },
     )
+    # matched whole, before pre-tokenisation (the punctuation splitter would cut them apart)
+    tokenizer.add_tokens(list(ALIGNMENT_TOKENS), special_tokens=True)
+    return tokenizer
 
 
 def build_processor(tokenizer: PreTrainedTokenizerFast) -> JanusProcessor:

@@ -29,7 +29,7 @@ def adapter_param_map(model: PeftModel, adapter_name: str = "default") -> dict[s
     tag = re.escape(adapter_name)
     out: dict[str, torch.nn.Parameter] = {}
     for name, param in model.named_parameters():
-        key = re.sub(rf"\.{tag}(?=\.)", "", name)  # lora_A.default.weight -> lora_A.weight
+        key = re.sub(rf"\.{tag}(?=\.|$)", "", name)  # lora_A.default.weight -> lora_A.weight
         key = key.replace(".modules_to_save.", ".")
         if key in canonical:
             out[key] = param

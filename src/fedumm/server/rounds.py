@@ -83,7 +83,10 @@ class RoundLoop:
                 dropped=tuple(sorted(dropped)),
                 global_metrics=global_metrics,
                 client_metrics={
-                    u.client_id: dict(u.metrics) | {"num_examples": u.num_examples} for u in accepted
+                    u.client_id: dict(u.metrics)
+                    | {"num_examples": u.num_examples}
+                    | {f"examples_{g}": n for g, n in sorted((u.group_examples or {}).items())}
+                    for u in accepted
                 },
                 bytes_up=dict(outcome.bytes_up),
                 bytes_down=dict(outcome.bytes_down),

@@ -64,21 +64,17 @@ def load_site_config(config_path: str | Path, environ: os._Environ | dict | None
 
 
 def _load_site(cfg: Config, partition: str | None, site: str):
-    """(family, train samples, local validation samples) of this site."""
+    """(family, ClientData) of this site."""
     from fedumm.experiment import build_family, load_client, load_data
 
     if partition:  # simulation/POC: the run's partition says which examples are this site's
         return load_client(cfg, partition, site)
-    # production: every example of the site's own training split is its data
-    from fedumm.client.train import split_local_val
-    from fedumm.seeding import derive_seed
+    # production: every example of the site's own training split is its data, for its task mix
+    from fedumm.experiment import local_client_data
 
     data = load_data(cfg, eval_splits=False)
-    train, val = split_local_val(
-        data.train, cfg.train.local_val_fraction, derive_seed(cfg.seed, "local-val", site)
-    )
     family, _ = build_family(cfg)
-    return family, train, val
+    return family, local_client_data(cfg, site, data.train, data.captions, task=cfg.federation.tasks)
 
 
 def _resolve(path: str, base: Path) -> str:
@@ -106,7 +102,7 @@ def main(argv: Sequence[str] | None = None, *, script_dir: str | Path | None = N
     partition = _resolve(args.partition, base) if args.partition else None
     load_error = None
     try:
-        family, train, val = _load_site(cfg, partition, site)
+        family, client_data = _load_site(cfg, partition, site)
     except Exception as exc:  # reported with every task, so the server log says why this site drops out
         log.exception("%s: cannot load the model or data", site)
         load_error = f"{site} cannot load its model or data: {type(exc).__name__}: {exc}"
@@ -117,7 +113,11 @@ def main(argv: Sequence[str] | None = None, *, script_dir: str | Path | None = N
 
     spec = train_spec(cfg)
     # the strategy's client-side hooks (FedProx's term, FFA-LoRA's frozen A), as in process
-    strategy = make_strategy(cfg.federation.strategy, **cfg.federation.strategy_params)
+    strategy = make_strategy(
+        cfg.federation.strategy,
+        group_strategies=cfg.federation.group_strategies,
+        **cfg.federation.strategy_params,
+    )
     log.info("%s: ready", site)
     while flare_client.is_running():
         received = flare_client.receive()
@@ -136,8 +136,7 @@ def main(argv: Sequence[str] | None = None, *, script_dir: str | Path | None = N
                 family,
                 client_id=site,
                 global_state=received.params,
-                train_samples=train,
-                val_samples=val,
+                data=client_data,
                 spec=spec,
                 base_seed=cfg.seed,
                 rnd=rnd,

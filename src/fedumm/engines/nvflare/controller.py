@@ -186,7 +186,9 @@ class FedummController(ModelController):
             if not clients:
                 raise EngineError("no FLARE clients to federate over")
             fed = cfg.federation
-            strategy = make_strategy(fed.strategy, **fed.strategy_params)
+            strategy = make_strategy(
+                fed.strategy, group_strategies=fed.group_strategies, **fed.strategy_params
+            )
             engine = FlareRoundEngine(self, cfg)
             results.started(clients, rounds=fed.rounds)
             self.info(f"fedumm: {fed.rounds} rounds of {fed.strategy} over {', '.join(clients)}")

@@ -31,10 +31,17 @@ class QualityWeighted(Strategy):
         self.cap = float(cap)
 
     def client_weights(self, updates: Sequence[ClientUpdate], group: str) -> list[float]:
-        scores = []
-        for u in updates:
-            if SCORE_KEY not in u.metrics:
+        # quality is compared among the clients that trained the group, on the group's own score
+        # (val_score_vision / val_score_generation) where every one of them reports it
+        bases = [group_weight_base(u, group) for u in updates]
+        active = [u for u, n in zip(updates, bases, strict=True) if n > 0]
+        if not active:
+            return [0.0] * len(updates)
+        key = f"{SCORE_KEY}_{group}"
+        if not all(key in u.metrics for u in active):
+            key = SCORE_KEY
+        for u in active:
+            if key not in u.metrics:
                 raise InvalidUpdate(f"client {u.client_id!r}: quality_weighted needs metric {SCORE_KEY!r}")
-            scores.append(u.metrics[SCORE_KEY])
-        qs = quality_factors(scores, cap=self.cap)
-        return [group_weight_base(u, group) * q for u, q in zip(updates, qs, strict=True)]
+        qs = iter(quality_factors([u.metrics[key] for u in active], cap=self.cap))
+        return [n * next(qs) if n > 0 else 0.0 for n in bases]
