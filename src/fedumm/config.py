@@ -148,6 +148,7 @@ class GenEvalConfig(_Strict):
     guidance_scale: float = Field(default=3.0, ge=1.0)
     temperature: float = Field(default=1.0, ge=0.0)
     grid_prompts: int = Field(default=12, ge=0, description="prompts shown in each image-grid PNG")
+    every: int = Field(default=1, ge=1, description="score every N rounds (the last round always)")
 
 
 class NvflareConfig(_Strict):

@@ -420,6 +420,8 @@ def run_experiment(
 
         def eval_round(state: AdapterState, rnd: int) -> dict[str, float]:
             metrics = {"vqa_accuracy": evaluate(state, data.val, f"round {rnd} (val)")}
+            if rnd % cfg.geneval.every and rnd != fed.rounds:
+                return metrics
             return metrics | evaluate_gen(state, f"round {rnd}", f"round-{rnd:04d}")
 
         t_fed = time.perf_counter()
@@ -500,13 +502,14 @@ def _finish(run: RunDir, summary: dict, val_baselines: dict, t_start: float) -> 
         if val_baselines["zero-shot"] is not None:
             xs, ys = [0, *xs], [val_baselines["zero-shot"], *ys]
         plot_accuracy_per_round(run.path / "accuracy_per_round.png", xs, ys, baselines=val_baselines)
-        if "geneval_overall" in rounds[0]["global"]:
+        if any("geneval_overall" in r["global"] for r in rounds):
             base = {
                 name: (summary.get(key) or {}).get("geneval_overall")
                 for name, key in (("zero-shot", "zero_shot"), ("centralized", "centralized"))
             }
-            xs = [r["round"] for r in rounds]
-            ys = [r["global"]["geneval_overall"] for r in rounds]
+            scored = [r for r in rounds if "geneval_overall" in r["global"]]
+            xs = [r["round"] for r in scored]
+            ys = [r["global"]["geneval_overall"] for r in scored]
             if base["zero-shot"] is not None:
                 xs, ys = [0, *xs], [base["zero-shot"], *ys]
             plot_accuracy_per_round(

@@ -9,7 +9,7 @@ import os
 import re
 import statistics
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
@@ -53,6 +53,7 @@ class RunResult:
     full_model_bytes: int | None
     geneval: dict | None
     wall_time_s: float | None
+    geneval_baselines: dict = field(default_factory=dict)  # "zero-shot" / "centralized" -> GenEval
 
     @property
     def finished(self) -> bool:
@@ -92,8 +93,25 @@ def _acc(entry: dict | None, key: str = "vqa_accuracy") -> float | None:
     return float(value) if isinstance(value, int | float) else None
 
 
+def _geneval_flat(entry: dict | None) -> dict | None:
+    """GenEval from a summary entry's flat ``geneval_*`` keys (percent) as fractions, or None."""
+    entry = entry or {}
+    if not isinstance(entry.get("geneval_overall"), int | float):
+        return None
+    tags = {
+        k.removeprefix("geneval_"): float(v) / 100.0
+        for k, v in entry.items()
+        if k.startswith("geneval_") and k != "geneval_overall" and isinstance(v, int | float)
+    }
+    return {"overall": float(entry["geneval_overall"]) / 100.0, "tags": tags}
+
+
 def _geneval(summary: dict) -> dict | None:
-    entry = summary.get("geneval") or (summary.get("federated") or {}).get("geneval")
+    fed = summary.get("federated") or {}
+    flat = _geneval_flat(fed)
+    if flat is not None:
+        return flat
+    entry = summary.get("geneval") or fed.get("geneval")
     if not isinstance(entry, dict) or not isinstance(entry.get("overall"), int | float):
         return None
     tags = entry.get("tags") or entry.get("per_tag") or {}
@@ -147,6 +165,11 @@ def _load_run(path: Path, *, baselines: dict | None, source: Path | None, varian
         full_model_bytes=summary.get("full_model_bytes"),
         geneval=_geneval(summary),
         wall_time_s=summary.get("wall_time_s"),
+        geneval_baselines={
+            name: g
+            for name, key in (("zero-shot", "zero_shot"), ("centralized", "centralized"))
+            if (g := _geneval_flat(base.get(key))) is not None
+        },
     )
 
 
@@ -349,6 +372,16 @@ def _geneval_section(groups: dict[tuple[str, str], list[RunResult]]) -> list[str
         tags = sorted({t for r in runs for t in r.geneval["tags"]})
         keys = sorted({(r.clients, r.alpha) for r in runs})
         body = []
+        for name in ("zero-shot", "centralized"):
+            seen = {
+                (g["overall"], tuple(sorted(g["tags"].items()))): g
+                for r in runs
+                if (g := r.geneval_baselines.get(name)) is not None
+            }
+            if seen:  # shared by every cell of a seed: mean over the distinct ones (one per seed)
+                vals = [statistics.fmean(g["overall"] for g in seen.values())]
+                vals += [statistics.fmean(g["tags"].get(t, math.nan) for g in seen.values()) for t in tags]
+                body.append([name, "-", *("-" if math.isnan(v) else f"{v:.3f}" for v in vals)])
         for k, a in keys:
             sel = [r for r in runs if (r.clients, r.alpha) == (k, a)]
             vals = [statistics.fmean(r.geneval["overall"] for r in sel)]

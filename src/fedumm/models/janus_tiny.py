@@ -90,10 +90,21 @@ def build_processor(tokenizer: PreTrainedTokenizerFast) -> JanusProcessor:
 
 
 def build_tiny_janus(
-    tokenizer: PreTrainedTokenizerFast, *, codebook_size: int = 512
+    tokenizer: PreTrainedTokenizerFast,
+    *,
+    codebook_size: int = 512,
+    embed_dim: int = 8,
+    latent_channels: int = 32,
+    patch_size: int | None = None,
 ) -> JanusForConditionalGeneration:
-    """A freshly initialised tiny Janus sized for 2 CPU cores (about 2M parameters, 8 MB in fp32)."""
+    """A freshly initialised tiny Janus sized for 2 CPU cores (4.36 M parameters, 17 MB in fp32).
+
+    ``patch_size`` (default :data:`PATCH_SIZE`) sets both grids: HF Janus ties the generation token
+    grid to the understanding patch grid, so the VQ gets one downsampling per halving of the patch.
+    """
     ids = tokenizer.convert_tokens_to_ids
+    patch = patch_size or PATCH_SIZE
+    side = IMAGE_SIZE // patch
     text = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=128,
@@ -112,25 +123,25 @@ def build_tiny_janus(
         num_hidden_layers=2,
         num_attention_heads=4,
         image_size=IMAGE_SIZE,
-        patch_size=PATCH_SIZE,
+        patch_size=patch,
         projection_dim=128,
         depth=2,
-        num_image_tokens=NUM_IMAGE_TOKENS,
+        num_image_tokens=side * side,
         mlp_ratio=2.0,
     )
     vq = JanusVQVAEConfig(
-        embed_dim=8,
+        embed_dim=embed_dim,
         num_embeddings=codebook_size,
-        latent_channels=32,
+        latent_channels=latent_channels,
         base_channels=32,  # GroupNorm(32 groups) needs at least 32 channels
         # 4 downsamplings: 64 px -> a 4x4 latent grid. HF Janus ties the generation grid to the
         # understanding patch grid (vq num_patches = image_size // patch_size), so both are 4x4 = 16 tokens
-        channel_multiplier=[1, 1, 2, 2, 4],
+        channel_multiplier=[1, 1, 2, 2, 4][: 1 + (patch.bit_length() - 1)],
         num_res_blocks=1,
         projection_dim=128,
         image_token_embed_dim=128,
         num_hidden_layers=2,
-        num_patches=IMAGE_SIZE // PATCH_SIZE,
+        num_patches=side,
     )
     config = JanusConfig(
         text_config=text, vision_config=vision, vq_config=vq, image_token_id=ids("<image_placeholder>")
