@@ -117,6 +117,29 @@ def test_sim_matches_inprocess(tiny_config_tree, tmp_path, one_thread):
     assert summary["bytes_up_per_round"] == max(r["bytes_up_total"] for r in sim_rounds)
 
 
+def test_sim_matches_inprocess_with_generation_clients(tiny_config_tree, tmp_path, one_thread):
+    """A generation-only and a mixed client, alignment tokens and per-group aggregation under FLARE."""
+    base = copy.deepcopy(tiny_config_tree)
+    base["lora"] = {**base["lora"], "groups": ["language", "generation"], "alignment_tokens": 1}
+    base["federation"] = {**base["federation"], "client_tasks": ["generation", "both"]}
+    ref_dir, sim_dir = tmp_path / "inprocess", tmp_path / "sim"
+    run_experiment(load_config(None, tree=_tree(base, "inprocess")), ref_dir)
+    summary = run_experiment(load_config(None, tree=_tree(base, "nvflare-sim")), sim_dir)
+    assert summary["status"] == "finished"
+    assert leftover_flare_processes() == []
+    for rnd in (1, 2):
+        name = f"round-{rnd:04d}.safetensors"
+        ref = read_safetensors(ref_dir / "checkpoint" / name)
+        got = read_safetensors(sim_dir / "checkpoint" / name)
+        assert sorted(ref) == sorted(got) and any("trainable_tokens" in k for k in ref)
+        for k in ref:
+            torch.testing.assert_close(got[k], ref[k], atol=ATOL, rtol=0, msg=f"round {rnd}: {k}")
+    for ref, got in zip(_rounds(ref_dir), _rounds(sim_dir), strict=True):
+        for c, m in ref["client_metrics"].items():
+            assert got["client_metrics"][c] == pytest.approx(m, abs=1e-4)
+        assert got["client_metrics"]["site-01"]["examples_vision"] == 0  # generation only
+
+
 class _InterruptAfterRound:
     """A progress sink that acts like Ctrl-C right after round ``rnd`` has been recorded."""
 
