@@ -54,6 +54,7 @@ _FEDERATION_ONLY = (
     "federation.min_clients",
     "federation.strategy",
     "federation.strategy_params",
+    "federation.group_strategies",
     "federation.compression",
     "federation.error_feedback",
 )
