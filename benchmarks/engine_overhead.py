@@ -80,15 +80,30 @@ def main() -> None:
                 "overhead_s": rest,
             }
         )
-    print(
-        "| K | rounds | round wall time (s) | clients' training (s) | clients' validation (s) | global eval (s) | engine + loop (s) | overhead vs training |"
+    header = (
+        "K",
+        "rounds",
+        "round wall time (s)",
+        "clients' training (s)",
+        "clients' validation (s)",
+        "global eval (s)",
+        "engine + loop (s)",
+        "overhead vs training",
     )
-    print("|---|---|---|---|---|---|---|---|")
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
     for r in rows:
-        print(
-            f"| {r['clients']} | {r['rounds']} | {r['round_wall_s']:.1f} | {r['train_s']:.1f} | {r['client_eval_s']:.1f} "
-            f"| {r['global_eval_s']:.1f} | {r['overhead_s']:.1f} | {100 * r['overhead_s'] / r['train_s']:.1f} % |"
+        cells = (
+            r["clients"],
+            r["rounds"],
+            f"{r['round_wall_s']:.1f}",
+            f"{r['train_s']:.1f}",
+            f"{r['client_eval_s']:.1f}",
+            f"{r['global_eval_s']:.1f}",
+            f"{r['overhead_s']:.1f}",
+            f"{100 * r['overhead_s'] / r['train_s']:.1f} %",
         )
+        print("| " + " | ".join(str(c) for c in cells) + " |")
     print(json.dumps(rows))
 
 
