@@ -237,18 +237,26 @@ def sweep(
 def report(
     runs: Annotated[list[Path], typer.Argument(help="run directories and/or sweep directories")],
     out: Annotated[Path, typer.Option("--out", help="report directory (report.md and its PNGs)")],
+    update: Annotated[
+        Path | None,
+        typer.Option("--update", help="also put the report between the report markers of this markdown file"),
+    ] = None,
 ) -> None:
     """Markdown tables (accuracy by K and alpha, communication, GenEval) and figures from runs."""
     _setup_logging(False)
-    from fedumm.report import collect, write_report
+    from fedumm.report import collect, embed_report, write_report
 
     try:
         results = collect(runs)
         path = write_report(results, out)
+        if update is not None:
+            embed_report(path, update)
     except FedummError as exc:
         _fail(exc)
     finished = sum(r.finished for r in results)
     out_console.print(f"wrote {path} ({len(results)} runs, {finished} finished)")
+    if update is not None:
+        out_console.print(f"updated {update}")
 
 
 @data_app.command("synth")
