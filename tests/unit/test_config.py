@@ -75,3 +75,46 @@ def test_every_shipped_config_validates(path):
         assert expand(load_sweep(path))
     else:
         load_config(path)
+
+
+def _tree(**federation):
+    return {"data": {"path": "d"}, "federation": {"clients": 4, **federation}}
+
+
+def test_task_mixes_per_client():
+    assert load_config(None, tree=_tree()).federation.task_of_clients() == ["understanding"] * 4
+    assert load_config(None, tree=_tree(tasks="both")).federation.task_of_clients() == ["both"] * 4
+    fractions = {"both": 0.5, "generation": 0.25, "understanding": 0.25}
+    cfg = load_config(None, tree=_tree(task_fractions=fractions))
+    assert cfg.federation.task_of_clients() == ["understanding", "generation", "both", "both"]
+    tree = _tree(task_fractions={"both": 0.5, "understanding": 0.5})
+    tree["federation"]["clients"] = 3  # 1.5 each: the tie goes to the earlier mix
+    assert load_config(None, tree=tree).federation.task_of_clients() == [
+        "understanding",
+        "understanding",
+        "both",
+    ]
+    explicit = ["generation", "both", "understanding", "understanding"]
+    assert load_config(None, tree=_tree(client_tasks=explicit)).federation.task_of_clients() == explicit
+
+
+@pytest.mark.parametrize(
+    ("federation", "message"),
+    [
+        ({"task_fractions": {"understanding": 0.5}}, "sum to 1"),
+        ({"client_tasks": ["both"]}, "client_tasks lists 1 clients"),
+        ({"client_tasks": ["both"] * 4, "task_fractions": {"both": 1.0}}, "not both"),
+        ({"tasks": "painting"}, "federation.tasks"),
+        ({"group_strategies": {"vision": "fedavgg"}}, "fedavg"),
+    ],
+)
+def test_bad_task_mixes_are_one_clear_error(federation, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, tree=_tree(**federation))
+
+
+def test_generation_clients_need_a_language_or_generation_adapter():
+    tree = _tree(tasks="generation")
+    tree["lora"] = {"groups": ["vision"]}
+    with pytest.raises(ConfigError, match="generation clients need LoRA"):
+        load_config(None, tree=tree)
