@@ -1,7 +1,7 @@
 """Peak memory against the number of clients K, for the in-process engine (and FLARE's simulator).
 
 Usage: .venv/bin/python benchmarks/memory_vs_clients.py configs/demo.yaml --clients 2 4 8 16 32 64 \
-           --engines inprocess --out runs/bench-memory
+           --engines inprocess --out runs/bench-memory [--set geneval.enabled=false]
 
 Each (engine, K) runs one round (baselines off) in its own subprocess; the peak resident memory over
 the whole process tree is sampled with psutil. In process, memory should stay flat in K (one backbone,
@@ -45,6 +45,7 @@ def main() -> None:
     ap.add_argument("--clients", type=int, nargs="+", default=[2, 4, 8, 16, 32, 64])
     ap.add_argument("--engines", nargs="+", default=["inprocess"])
     ap.add_argument("--out", type=Path, default=Path("runs/bench-memory"))
+    ap.add_argument("--set", dest="sets", action="append", default=[], help="extra config override")
     args = ap.parse_args()
     rows = []
     for engine in args.engines:
@@ -70,6 +71,7 @@ def main() -> None:
                 "baselines.zero_shot=false",
                 "--set",
                 "baselines.centralized=false",
+                *(x for item in args.sets for x in ("--set", item)),
             ]
             peak, wall = peak_tree_rss(cmd)
             rows.append({"engine": engine, "clients": k, "peak_rss_bytes": peak, "wall_s": wall})
