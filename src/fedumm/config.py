@@ -279,21 +279,27 @@ def apply_overrides(tree: dict, overrides: list[str]) -> dict:
     return out
 
 
+def read_yaml_mapping(path: str | Path, what: str = "config file") -> dict:
+    """A YAML file whose top level is a mapping; a missing file or bad YAML is one ConfigError."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{p}: {what} not found")
+    try:
+        tree = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{p}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{p}: top level must be a mapping, got {type(tree).__name__}")
+    return tree
+
+
 def load_config(
     path: str | Path | None, overrides: list[str] | None = None, *, tree: dict | None = None
 ) -> Config:
     """Read YAML (or take ``tree``), apply overrides, validate; any problem is one ConfigError."""
     source = str(path) if path else "<config>"
     if tree is None:
-        p = Path(path)  # type: ignore[arg-type]
-        if not p.is_file():
-            raise ConfigError(f"{p}: config file not found")
-        try:
-            tree = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{p}: not valid YAML ({str(exc).splitlines()[0]})") from None
-        if not isinstance(tree, dict):
-            raise ConfigError(f"{p}: top level must be a mapping, got {type(tree).__name__}")
+        tree = read_yaml_mapping(path)  # type: ignore[arg-type]
     tree = apply_overrides(tree, list(overrides or []))
     try:
         cfg = Config.model_validate(tree)

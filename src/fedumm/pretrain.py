@@ -19,10 +19,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from PIL import Image
 
 from fedumm.client.train import evaluate_vqa
-from fedumm.errors import DataError
 from fedumm.io import atomic_write_json
 from fedumm.models.janus import BUILTIN_PATH, JanusFamily
 from fedumm.models.janus_tiny import build_processor, build_tiny_janus, build_tokenizer
@@ -87,13 +85,13 @@ def pretrain(
     train = load_split(data_dir, "public")
     val_private = load_split(data_dir, "val")[: spec.max_eval_questions]
     pairs = jg.caption_pairs(data_dir, "public")
-    family_images = _load_images([p for p, _ in pairs])
     captions = [c for _, c in pairs]
     torch.manual_seed(spec.seed)
     tokenizer = build_tokenizer(VOCABULARY)
     processor = build_processor(tokenizer)
     model = build_tiny_janus(tokenizer)
     family = JanusFamily(model=model, processor=processor)
+    family_images = [family.images.get(path) for path, _ in pairs]  # RGB, one DataError per bad file
     report: dict = {"spec": asdict(spec)}
 
     # phase 1: the VQ image tokenizer alone
@@ -192,14 +190,3 @@ def pretrain(
 
 def _tail(values: list[float], n: int = 50) -> float:
     return sum(values[-n:]) / len(values[-n:]) if values else float("nan")
-
-
-def _load_images(paths: list[Path]) -> list[Image.Image]:
-    out = []
-    for path in paths:
-        try:
-            with Image.open(path) as f:
-                out.append(f.convert("RGB"))
-        except (OSError, ValueError) as exc:
-            raise DataError(f"{path}: cannot read image ({exc})") from None
-    return out

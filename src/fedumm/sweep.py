@@ -15,7 +15,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from fedumm.config import Config, dump_config, format_validation_error, load_config
+from fedumm.config import Config, dump_config, format_validation_error, load_config, read_yaml_mapping
 from fedumm.errors import ConfigError, FedummError
 from fedumm.experiment import resume_experiment, run_experiment
 from fedumm.fl.strategies import make_strategy
@@ -167,14 +167,7 @@ def _is_mapping(ann: Any) -> bool:
 def load_sweep(path: str | Path) -> Sweep:
     """Read and check a sweep YAML file; the base config path is relative to the sweep file."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: sweep file not found")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: top level must be a mapping, got {type(raw).__name__}")
+    raw = read_yaml_mapping(path, "sweep file")
     try:
         spec = SweepFile.model_validate(raw)
     except ValidationError as exc:
@@ -191,12 +184,7 @@ def load_sweep(path: str | Path) -> Sweep:
     base = spec.base if spec.base.is_absolute() else path.parent / spec.base
     if not base.is_file():
         raise ConfigError(f"{path}: base: config file {str(base)!r} not found")
-    try:
-        tree = yaml.safe_load(base.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{base}: not valid YAML ({str(exc).splitlines()[0]})") from None
-    if not isinstance(tree, dict):
-        raise ConfigError(f"{base}: top level must be a mapping, got {type(tree).__name__}")
+    tree = read_yaml_mapping(base)
     return Sweep(
         path=path,
         base=base,
