@@ -36,7 +36,7 @@ class PretrainSpec:
     """Pretraining settings; the defaults reproduce the shipped checkpoint."""
 
     seed: int = 0
-    epochs: int = 16
+    epochs: int = 12
     batch_size: int = 32
     lr: float = 1e-3
     warmup_steps: int = 200

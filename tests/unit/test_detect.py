@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageFilter
 
 from fedumm.data.geneval import GenEvalPrompt, Requirement
 from fedumm.data.geneval_prompts import build_prompt_set, render_prompt
@@ -234,11 +234,27 @@ def test_background_only_gives_no_detections():
     assert detect(Image.fromarray(noisy)) == []
 
 
-def test_off_palette_colours_are_ignored():
+def test_off_palette_objects_are_found_but_named_off_palette():
+    # GenEval-style: an object is found whatever its colour, then its colour is a forced choice
+    # among GenEval's ten names, so a dull or dark object never passes for a palette colour
     image = Image.new("RGB", (64, 64), BACKGROUND)
     image.paste((0, 0, 0), (10, 10, 30, 30))  # black, not a palette colour
-    image.paste((128, 128, 128), (40, 40, 60, 60))  # grey
-    assert detect(image) == []
+    image.paste((150, 85, 45), (40, 40, 60, 60))  # brown
+    found = detect(image)
+    assert [(d.cls, d.color) for d in found] == [("square", "black"), ("square", "brown")]
+    assert all(d.score > 0.9 for d in found)
+
+
+def test_dull_blob_keeps_its_shape_and_nearest_colour_name():
+    # a blurred, desaturated red disc (what a weak generator draws): found as a circle, not as red
+    obj = one("circle", "red", "large", cx=32, cy=32)
+    pixels = np.asarray(render_scene(Scene(objects=(obj,))), float)
+    dull = pixels.copy()
+    mask = (pixels != np.array(BACKGROUND, float)).any(axis=2)
+    dull[mask] = 0.5 * pixels[mask] + 0.5 * np.array([120.0, 70.0, 40.0])
+    image = Image.fromarray(dull.astype(np.uint8)).filter(ImageFilter.GaussianBlur(1.0))
+    (det,) = detect(image)
+    assert det.cls == "circle" and det.color == "brown"
 
 
 def test_other_image_sizes_and_modes():
@@ -275,6 +291,11 @@ def test_detector_config_validation():
         DetectorConfig(min_area=50, full_area=40)
     with pytest.raises(ValueError):
         DetectorConfig(quality_scale=0)
+    for name in ("split_coverage", "core_alpha"):
+        with pytest.raises(ValueError, match=name):
+            DetectorConfig(**{name: 0.0})
+        with pytest.raises(ValueError, match=name):
+            DetectorConfig(**{name: 1.5})
 
 
 # --- files ----------------------------------------------------------------------------------------

@@ -9,12 +9,16 @@ that detector, built from classical image processing only, with no learned weigh
 1. The image is brought to the canvas size (64x64) and the background colour is estimated from
    the border (falling back to :data:`~fedumm.data.render.BACKGROUND`).
 2. Each pixel is explained as a blend ``background + alpha * (colour - background)`` of the
-   background with each palette colour; it takes the colour whose blend line it lies closest
-   to, provided ``alpha`` is at least one half and the distance is small. Blurred edges thus
-   split at half coverage, and blends of two colours are left unassigned.
-3. Pixels of one colour are grouped into 8-connected components; tiny ones are dropped, and each
-   kept component takes in the free neighbouring pixels that are at least half its colour (the
-   tips that JPEG chroma subsampling or blur pale).
+   background with each palette colour. A pixel at least half-way (``alpha >= 0.5``) from the
+   background towards some palette colour is foreground, whatever its exact colour.
+3. Foreground pixels are grouped into 8-connected regions; tiny ones are dropped. As in GenEval,
+   finding an object and naming its colour are separate steps: a region is one object, and its
+   colour is a forced choice among GenEval's ten colour names (the world's six plus
+   :data:`OTHER_COLOURS`) by the median RGB of its core, so a dull or dark blob is found but named
+   "brown" or "black", never passed off as a palette colour. A region whose pixels mostly sit close
+   to palette colours in two or more separate parts (objects drawn touching) is split into one
+   object per part; each part takes in the free neighbouring pixels that are at least half its
+   colour (the tips that JPEG chroma subsampling or blur pale).
 4. Each component is classified from moments of its mask, which use every pixel and so hardly
    move when a tip is lost or a corner rounded (see :data:`PROTOTYPES`). Its score is the class
    posterior of an equal-variance Gaussian model around the class prototypes, times a fit
@@ -50,6 +54,7 @@ from fedumm.io import atomic_write_text
 __all__ = [
     "DEFAULT_DETECTOR_CONFIG",
     "IMAGE_NAME_PATTERN",
+    "OTHER_COLOURS",
     "PROTOTYPES",
     "DetectorConfig",
     "detect",
@@ -92,13 +97,19 @@ class DetectorConfig:
     min_alpha: float = 0.5
     """Least blend weight of a palette colour over the background for a pixel to be foreground."""
     max_residual: float = 55.0
-    """Largest RGB distance of a pixel from a colour's blend line for it to take that colour."""
+    """Largest RGB distance of a pixel from a colour's blend line for it to count in a part of that
+    colour when touching objects are split (see ``split_coverage``)."""
     grow_residual: float = 180.0
     """Largest distance from a component colour's blend line for a free neighbouring pixel to join it."""
     grow_steps: int = 1
     """Rings of neighbouring pixels a component may grow by."""
     background_tolerance: float = 60.0
     """Largest RGB distance of the border's median colour from the nominal background to be used."""
+    split_coverage: float = 0.5
+    """Least share of a foreground region that two or more palette-coloured parts must cover for the
+    region to be split into one object per part (touching objects) instead of read as one object."""
+    core_alpha: float = 0.75
+    """Least blend weight of a pixel to count in the colour vote of its object (its core, not its rim)."""
     min_area: int = 12
     """Components with fewer pixels are dropped."""
     full_area: int = 40
@@ -115,8 +126,11 @@ class DetectorConfig:
     """Normalised distance to the best prototype at which the fit quality falls to exp(-1/2)."""
 
     def __post_init__(self) -> None:
-        if not 0.0 < self.min_alpha < 1.0:
-            raise ValueError(f"min_alpha must be in (0, 1), got {self.min_alpha!r}")
+        for name, top in (("min_alpha", "1)"), ("split_coverage", "1]"), ("core_alpha", "1]")):
+            value = getattr(self, name)
+            inside = isinstance(value, (int, float)) and 0.0 < value <= 1.0 and (top == "1]" or value < 1.0)
+            if not inside:
+                raise ValueError(f"{name} must be in (0, {top}, got {value!r}")
         if isinstance(self.grow_steps, bool) or not isinstance(self.grow_steps, int) or self.grow_steps < 0:
             raise ValueError(f"grow_steps must be a non-negative integer, got {self.grow_steps!r}")
         if not 1 <= self.min_area <= self.full_area:
@@ -143,6 +157,18 @@ DEFAULT_DETECTOR_CONFIG = DetectorConfig()
 
 _COLOUR_NAMES: tuple[str, ...] = tuple(COLOURS)
 _PALETTE = np.array([COLOURS[name] for name in _COLOUR_NAMES], dtype=np.float64)
+
+OTHER_COLOURS: Mapping[str, tuple[int, int, int]] = MappingProxyType(
+    {"pink": (240, 130, 190), "brown": (150, 80, 40), "black": (20, 20, 20), "white": (255, 255, 255)}
+)
+"""Colour names outside the world's palette that an object's colour may also be read as.
+
+GenEval names an object's colour by a forced choice among ten names (CLIP over the masked crop);
+these are the four of them outside the world's six, so that an off-colour object is named wrongly
+rather than dropped or forced onto the nearest palette colour: a dull brown blob reads as "brown".
+"""
+_NAMED = tuple(COLOURS) + tuple(OTHER_COLOURS)
+_NAMED_RGB = np.array([*COLOURS.values(), *OTHER_COLOURS.values()], dtype=np.float64)
 _PROTO = np.array([PROTOTYPES[shape] for shape in SHAPES], dtype=np.float64)
 
 
@@ -206,6 +232,13 @@ def _grow(
         new_ys, new_xs = np.nonzero(ring)
         ys, xs = np.concatenate([ys, new_ys]), np.concatenate([xs, new_xs])
     return label, ys, xs
+
+
+def _name_colour(pixels: np.ndarray, alpha: np.ndarray, config: DetectorConfig) -> str:
+    """Forced-choice colour name of an object: the named colour nearest its core's median RGB."""
+    core = pixels[alpha >= config.core_alpha] if (alpha >= config.core_alpha).any() else pixels  # (n, 3)
+    median = np.median(core, axis=0)
+    return _NAMED[int(np.linalg.norm(_NAMED_RGB - median, axis=1).argmin())]
 
 
 def _components(labels: np.ndarray) -> list[tuple[int, np.ndarray, np.ndarray]]:
@@ -283,14 +316,26 @@ def detect(image: Image.Image, *, config: DetectorConfig = DEFAULT_DETECTOR_CONF
     pixels = np.asarray(rgb, dtype=np.float64)
     detections: list[Detection] = []
     alpha, residual = _colour_fit(pixels, config)
-    components = [
-        c for c in _components(_label_pixels(alpha, residual, config)) if c[1].size >= config.min_area
-    ]
+    strict = _label_pixels(alpha, residual, config)
+    best_alpha = alpha.max(axis=2)
+    foreground = best_alpha >= config.min_alpha
     taken = np.zeros(pixels.shape[:2], dtype=bool)
-    for _, ys, xs in components:
-        taken[ys, xs] = True
-    components = [_grow(c, taken, alpha, residual, config) for c in components]
-    for label, ys, xs in components:
+    objects: list[tuple[str, np.ndarray, np.ndarray]] = []
+    for _, ys, xs in _components(np.where(foreground, 0, -1)):
+        if ys.size < config.min_area:
+            continue
+        inside = np.full(strict.shape, -1)
+        inside[ys, xs] = strict[ys, xs]
+        parts = [c for c in _components(inside) if c[1].size >= config.min_area]
+        if len(parts) >= 2 and sum(c[1].size for c in parts) >= config.split_coverage * ys.size:
+            # touching objects whose pixels mostly sit on palette colours: one object per colour region
+            for _, pys, pxs in parts:
+                taken[pys, pxs] = True
+            grown = [_grow(c, taken, alpha, residual, config) for c in parts]
+            objects += [(_COLOUR_NAMES[label], gys, gxs) for label, gys, gxs in grown]
+        else:
+            objects.append((_name_colour(pixels[ys, xs], best_alpha[ys, xs], config), ys, xs))
+    for colour, ys, xs in objects:
         shape, score = _classify(ys, xs, config)
         box = (
             float(xs.min()) * scale_x,
@@ -298,7 +343,7 @@ def detect(image: Image.Image, *, config: DetectorConfig = DEFAULT_DETECTOR_CONF
             (float(xs.max()) + 1.0) * scale_x - 1.0,
             (float(ys.max()) + 1.0) * scale_y - 1.0,
         )
-        detections.append(Detection(cls=shape, box=box, score=score, color=_COLOUR_NAMES[label]))
+        detections.append(Detection(cls=shape, box=box, score=score, color=colour))
     detections.sort(key=lambda d: (d.box[0], d.box[1]))
     return detections
 

@@ -1,4 +1,4 @@
-"""The built-in tiny Janus: a real ``JanusForConditionalGeneration`` at a ~2M-parameter configuration.
+"""The built-in tiny Janus: a real ``JanusForConditionalGeneration`` at a ~4M-parameter configuration.
 
 Its tokenizer is a word-level ``tokenizers`` model over the synthetic world's vocabulary, wrapped in
 ``PreTrainedTokenizerFast`` so that the stock ``JanusProcessor`` drives it exactly as it drives the
@@ -44,8 +44,13 @@ SPECIAL_TOKENS = (
 # reserved for shared alignment tokens (see JanusFamily.alignment): learnable, placed between image and text
 ALIGNMENT_TOKENS = tuple(f"<align_{i}>" for i in range(4))
 IMAGE_SIZE = 64
-PATCH_SIZE = 16
-NUM_IMAGE_TOKENS = (IMAGE_SIZE // PATCH_SIZE) ** 2  # 16 understanding tokens (4x4 patches of 16 px)
+PATCH_SIZE = 8
+NUM_IMAGE_TOKENS = (IMAGE_SIZE // PATCH_SIZE) ** 2  # 64 image tokens: an 8x8 grid of 8-px patches
+"""Image tokens per image, the same for understanding (vision patches) and generation (VQ codes).
+
+HF Janus ties the two grids. An 8x8 grid keeps an object's colour and shape in its tokens: with 4x4
+tokens of 16 px (the size of a whole small object) the VQ round trip lost them (docs/BENCHMARKS.md).
+"""
 
 
 def build_tokenizer(words: Sequence[str]) -> PreTrainedTokenizerFast:
@@ -78,13 +83,15 @@ def build_tokenizer(words: Sequence[str]) -> PreTrainedTokenizerFast:
     return tokenizer
 
 
-def build_processor(tokenizer: PreTrainedTokenizerFast) -> JanusProcessor:
-    """Stock Janus processor at 64x64 with 64 image tokens, no default system prompt."""
+def build_processor(
+    tokenizer: PreTrainedTokenizerFast, *, num_image_tokens: int = NUM_IMAGE_TOKENS
+) -> JanusProcessor:
+    """Stock Janus processor at 64x64 with ``num_image_tokens`` image tokens, no default system prompt."""
     image_processor = JanusImageProcessorPil(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, min_size=8)
     return JanusProcessor(
         image_processor=image_processor,
         tokenizer=tokenizer,
-        num_image_tokens=NUM_IMAGE_TOKENS,
+        num_image_tokens=num_image_tokens,
         use_default_system_prompt=False,
     )
 
@@ -134,8 +141,8 @@ def build_tiny_janus(
         num_embeddings=codebook_size,
         latent_channels=latent_channels,
         base_channels=32,  # GroupNorm(32 groups) needs at least 32 channels
-        # 4 downsamplings: 64 px -> a 4x4 latent grid. HF Janus ties the generation grid to the
-        # understanding patch grid (vq num_patches = image_size // patch_size), so both are 4x4 = 16 tokens
+        # one downsampling per halving of the patch (3 for 8 px: 64 px -> an 8x8 latent grid). HF Janus
+        # ties the generation grid to the understanding patch grid (vq num_patches = image_size // patch)
         channel_multiplier=[1, 1, 2, 2, 4][: 1 + (patch.bit_length() - 1)],
         num_res_blocks=1,
         projection_dim=128,
