@@ -109,11 +109,16 @@ def _summary_table(summary: dict) -> Table:
     t.add_column("setting")
     t.add_column("VQA accuracy (test, %)", justify="right")
     rows = [summary.get(name) or {} for name in ("zero_shot", "centralized", "federated")]
+    loss = any("image_token_loss" in r for r in rows)
+    if loss:
+        t.add_column("image-token loss (test)", justify="right")
     tags = [k for k in GENEVAL_COLUMNS if any(k in r for r in rows)]
     for key in tags:
         t.add_column(GENEVAL_COLUMNS[key], justify="right")
     for name, row in zip(("zero_shot", "centralized", "federated"), rows, strict=True):
-        t.add_row(name.replace("_", "-"), _pct(row), *(_pct(row, key) for key in tags))
+        value = row.get("image_token_loss")
+        cells = [f"{value:.3f}" if isinstance(value, (int, float)) else "-"] if loss else []
+        t.add_row(name.replace("_", "-"), _pct(row), *cells, *(_pct(row, key) for key in tags))
     return t
 
 

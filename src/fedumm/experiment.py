@@ -13,6 +13,7 @@ from pathlib import Path
 from fedumm.client.train import (
     ClientData,
     TrainSpec,
+    evaluate_captions,
     evaluate_vqa,
     num_steps,
     split_local_val,
@@ -64,6 +65,8 @@ class ExperimentData:
     val: list
     test: list
     captions: list = field(default_factory=list)  # caption examples of the train split (generation)
+    val_captions: list = field(default_factory=list)  # captions of the val split (in-domain generation loss)
+    test_captions: list = field(default_factory=list)  # captions of the test split
 
 
 def needs_generation(cfg: Config) -> bool:
@@ -92,8 +95,23 @@ def load_data(cfg: Config, *, eval_splits: bool = True) -> ExperimentData:
         val = val[: d.max_val_questions]
     if d.max_test_questions:
         test = test[: d.max_test_questions]
-    captions = load_captions(d.path, d.train_split) if needs_generation(cfg) else []
-    return ExperimentData(train=train, val=val, test=test, captions=captions)
+    generation = needs_generation(cfg)
+    captions = load_captions(d.path, d.train_split) if generation else []
+
+    def held_out(split: str) -> list:
+        # evaluation splits without a captions file (VQA-only data) just skip the generation loss
+        if not (generation and eval_splits and (d.path / f"captions_{split}.json").is_file()):
+            return []
+        return load_captions(d.path, split)
+
+    return ExperimentData(
+        train=train,
+        val=val,
+        test=test,
+        captions=captions,
+        val_captions=held_out(d.val_split),
+        test_captions=held_out(d.test_split),
+    )
 
 
 def _relabel(partition: Partition, names: Sequence[str], everyone: Sequence[str]) -> Partition:
@@ -306,6 +324,13 @@ def run_experiment(
         progress.finish("eval")
         return acc
 
+    def generation_loss(state: AdapterState, samples: Sequence) -> dict[str, float]:
+        """In-domain generation: mean image-token cross-entropy on held-out captions ({} without any)."""
+        if not samples:
+            return {}
+        set_adapter_state_(family.model, state)
+        return {"image_token_loss": round(evaluate_captions(family, samples, batch_size=bs), 4)}
+
     prompts = (
         load_prompts(cfg.geneval.metadata, per_tag=cfg.geneval.per_tag, seed=cfg.seed)
         if cfg.geneval.enabled
@@ -367,13 +392,16 @@ def run_experiment(
         run.truncate_rounds(start_round - 1)
     try:
         if cfg.baselines.zero_shot and summary["zero_shot"] is None:
-            acc = evaluate(initial, data.test, "zero-shot (test)")
-            val_baselines["zero-shot"] = evaluate(initial, data.val, "zero-shot (val)")
-            summary["zero_shot"] = {
-                "vqa_accuracy": acc,
-                "val_vqa_accuracy": val_baselines["zero-shot"],
-                **evaluate_gen(initial, "zero-shot", "zero-shot"),
-            }
+            # the pretrained model as shipped: LoRA B = 0 and no alignment tokens in its prompts
+            with family.pretrained_prompts():
+                acc = evaluate(initial, data.test, "zero-shot (test)")
+                val_baselines["zero-shot"] = evaluate(initial, data.val, "zero-shot (val)")
+                summary["zero_shot"] = {
+                    "vqa_accuracy": acc,
+                    "val_vqa_accuracy": val_baselines["zero-shot"],
+                    **generation_loss(initial, data.test_captions),
+                    **evaluate_gen(initial, "zero-shot", "zero-shot"),
+                }
         if cfg.baselines.centralized and summary["centralized"] is None:
             t0 = time.perf_counter()
             set_adapter_state_(family.model, initial)
@@ -398,6 +426,7 @@ def run_experiment(
                 "vqa_accuracy": acc,
                 "val_vqa_accuracy": val_baselines["centralized"],
                 "train_loss": res.loss,
+                **generation_loss(central_state, data.test_captions),
                 **evaluate_gen(central_state, "centralized", "centralized"),
                 "wall_time_s": time.perf_counter() - t0,
             }
@@ -420,6 +449,7 @@ def run_experiment(
 
         def eval_round(state: AdapterState, rnd: int) -> dict[str, float]:
             metrics = {"vqa_accuracy": evaluate(state, data.val, f"round {rnd} (val)")}
+            metrics |= generation_loss(state, data.val_captions)
             if rnd % cfg.geneval.every and rnd != fed.rounds:
                 return metrics
             return metrics | evaluate_gen(state, f"round {rnd}", f"round-{rnd:04d}")
@@ -476,6 +506,7 @@ def run_experiment(
             "vqa_accuracy": evaluate(final, data.test, "federated (test)"),
             "val_vqa_accuracy": rounds_done[-1]["global"]["vqa_accuracy"],
             "rounds": fed.rounds,
+            **generation_loss(final, data.test_captions),
             # the last round's generations are those of the final adapter (same prompts and seed)
             **{k: v for k, v in rounds_done[-1]["global"].items() if k.startswith("geneval_")},
             "wall_time_s": time.perf_counter() - t_fed,

@@ -76,6 +76,41 @@ def test_rounds_report_vqa_and_geneval_and_per_task_client_metrics(hetero_run):
     assert (out / "geneval_per_round.png").is_file()
 
 
+def test_in_domain_generation_loss_on_held_out_captions(hetero_run):
+    out, summary = hetero_run
+    rounds = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    losses = {key: summary[key]["image_token_loss"] for key in ("zero_shot", "centralized", "federated")}
+    assert all(0.0 < v < 20.0 for v in losses.values())
+    # training on captions must lower the loss on the test split's captions (same distribution)
+    assert losses["centralized"] < losses["zero_shot"] and losses["federated"] < losses["zero_shot"]
+    per_round = [r["global"]["image_token_loss"] for r in rounds]  # on the val split's captions
+    assert len(per_round) == 2 and all(0.0 < v < 20.0 for v in per_round)
+
+
+def test_zero_shot_is_the_pretrained_model_without_alignment_tokens(hetero_run, tiny_world, tiny_checkpoint):
+    from fedumm.client.train import evaluate_captions
+    from fedumm.data.captions import load_captions
+
+    _, summary = hetero_run
+    bare = JanusFamily.from_pretrained(tiny_checkpoint)  # no adapter, no alignment tokens
+    expected = evaluate_captions(bare, load_captions(tiny_world, "test"), batch_size=32)
+    assert summary["zero_shot"]["image_token_loss"] == pytest.approx(expected, abs=1e-4)
+
+
+def test_vqa_only_data_has_no_generation_loss(tiny_world, tmp_path):
+    import shutil
+
+    from fedumm.config import Config
+    from fedumm.experiment import load_data
+
+    world = tmp_path / "world"
+    shutil.copytree(tiny_world, world)
+    (world / "captions_test.json").unlink()
+    cfg = Config.model_validate({"name": "x", "data": {"path": str(world)}, "federation": {"tasks": "both"}})
+    data = load_data(cfg)
+    assert data.captions and data.val_captions and data.test_captions == []
+
+
 def test_the_global_adapter_carries_all_groups_and_the_alignment_tokens(hetero_run, tiny_checkpoint):
     out, _ = hetero_run
     state = load_file(out / "global_adapter" / "adapter_model.safetensors")

@@ -123,6 +123,16 @@ def test_alignment_tokens_sit_between_image_and_text(family):
     assert tuple(state[keys[0]].shape) == (2, family.base.config.text_config.hidden_size)
 
 
+def test_pretrained_prompts_drop_the_alignment_tokens_for_the_block_only(family):
+    template = family.prompt_template
+    with family.pretrained_prompts():
+        assert "<align_" not in family.prompt_template
+        assert family.generation_prompt("a red circle") == "a red circle"
+        assert family.alignment == ()
+    assert family.prompt_template == template
+    assert family.generation_prompt("a red circle") == "a red circle <align_0><align_1>"
+
+
 def test_alignment_tokens_beyond_the_reserved_ones_are_a_config_error(tiny_checkpoint):
     with pytest.raises(ConfigError, match="alignment_tokens=9"):
         JanusFamily.from_pretrained(tiny_checkpoint, alignment_tokens=9)

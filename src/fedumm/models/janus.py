@@ -7,10 +7,11 @@ directory and set a prompt template matching its chat format.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -117,6 +118,20 @@ class JanusFamily:
                 f" (it reserves {sum(t.startswith('<align_') for t in vocab)} alignment tokens)"
             )
         return names
+
+    @contextlib.contextmanager
+    def pretrained_prompts(self) -> Iterator[JanusFamily]:
+        """Within the block, prompts carry no alignment tokens: the pretrained model's own format.
+
+        The zero-shot baseline is the pretrained model as shipped, which never saw the (reserved,
+        untrained) alignment tokens; inserting them would handicap it.
+        """
+        n = len(self.alignment)
+        self._use_alignment(0)
+        try:
+            yield self
+        finally:
+            self._use_alignment(n)
 
     def alignment_token_ids(self) -> list[int]:
         return [int(i) for i in self.tokenizer.convert_tokens_to_ids(list(self.alignment))]

@@ -97,19 +97,34 @@ def run_nvflare(
 
     progress.start("nvflare", f"{cfg.engine}: starting {len(clients)} clients", cfg.federation.rounds)
     t0 = time.perf_counter()
-    with _sigterm_as_interrupt():
+    with _latched_interrupts() as latch:
         return _run(
-            cfg, backend, job_dir, results_dir, initial_state, evaluate, on_round, progress, strategy, t0
+            cfg,
+            backend,
+            job_dir,
+            results_dir,
+            initial_state,
+            evaluate,
+            on_round,
+            progress,
+            strategy,
+            t0,
+            latch,
         )
 
 
-def _run(cfg, backend, job_dir, results_dir, initial_state, evaluate, on_round, progress, strategy, t0):
+def _run(
+    cfg, backend, job_dir, results_dir, initial_state, evaluate, on_round, progress, strategy, t0, latch
+):
     try:
         backend.start(job_dir)
         log.info("%s: job submitted after %.1f s", cfg.engine, time.perf_counter() - t0)
         reader = ResultsReader(results_dir)
-        state = _follow(cfg, backend, reader, dict(initial_state), evaluate, on_round, progress, strategy)
+        state = _follow(
+            cfg, backend, reader, dict(initial_state), evaluate, on_round, progress, strategy, latch
+        )
         backend.finish(EXIT_GRACE_S)
+        latch.check()
     except BaseException:
         survivors = backend.stop()
         progress.finish("nvflare")
@@ -124,21 +139,39 @@ def _run(cfg, backend, job_dir, results_dir, initial_state, evaluate, on_round, 
     return state
 
 
+class _Interrupts:
+    """Remembers a Ctrl-C (or SIGTERM) while FLARE runs, so that it is not lost.
+
+    The handler raises KeyboardInterrupt as usual; the flag lets the poll loop raise it again
+    should library code between two polls have caught and dropped the first one.
+    """
+
+    def __init__(self) -> None:
+        self.triggered = False
+
+    def check(self) -> None:
+        if self.triggered:
+            raise KeyboardInterrupt
+
+
 @contextlib.contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
-    """While FLARE runs, SIGTERM to this process stops FLARE like Ctrl-C does (instead of orphaning it)."""
+def _latched_interrupts() -> Iterator[_Interrupts]:
+    """While FLARE runs, SIGINT and SIGTERM stop FLARE like Ctrl-C does (never orphaning it)."""
+    latch = _Interrupts()
     if threading.current_thread() is not threading.main_thread():
-        yield
+        yield latch
         return
 
     def handler(signum, frame):
+        latch.triggered = True
         raise KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGTERM, handler)
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        yield
+        yield latch
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 def _follow(
@@ -150,6 +183,7 @@ def _follow(
     on_round,
     progress: Progress,
     strategy: Strategy | None,
+    latch: _Interrupts | None = None,
 ) -> dict[str, torch.Tensor]:
     """Poll the results folder until the last round (or an error, a dead FLARE, no progress)."""
     nv = cfg.nvflare
@@ -159,6 +193,8 @@ def _follow(
     limit = nv.start_timeout_s + nv.round_timeout_s + EXIT_GRACE_S
     last = time.monotonic()
     while True:
+        if latch is not None:
+            latch.check()
         err = reader.error()
         if err is not None:
             raise EngineError(f"{cfg.engine}: {err['message']}")
