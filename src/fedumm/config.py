@@ -9,7 +9,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from fedumm.errors import ConfigError
+from fedumm.errors import ConfigError, FedummError
 
 __all__ = ["Config", "load_config", "apply_overrides", "format_validation_error", "dump_config"]
 
@@ -279,17 +279,19 @@ def apply_overrides(tree: dict, overrides: list[str]) -> dict:
     return out
 
 
-def read_yaml_mapping(path: str | Path, what: str = "config file") -> dict:
-    """A YAML file whose top level is a mapping; a missing file or bad YAML is one ConfigError."""
+def read_yaml_mapping(
+    path: str | Path, what: str = "config file", *, error: type[FedummError] = ConfigError
+) -> dict:
+    """A YAML file whose top level is a mapping; a missing file or bad YAML is one ``error``."""
     p = Path(path)
     if not p.is_file():
-        raise ConfigError(f"{p}: {what} not found")
+        raise error(f"{p}: {what} not found")
     try:
         tree = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{p}: not valid YAML ({str(exc).splitlines()[0]})") from None
+        raise error(f"{p}: not valid YAML ({str(exc).splitlines()[0]})") from None
     if not isinstance(tree, dict):
-        raise ConfigError(f"{p}: top level must be a mapping, got {type(tree).__name__}")
+        raise error(f"{p}: top level must be a mapping, got {type(tree).__name__}")
     return tree
 
 

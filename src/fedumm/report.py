@@ -12,11 +12,11 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from fedumm.config import read_yaml_mapping
 from fedumm.errors import DataError
 from fedumm.io import atomic_write_bytes, atomic_write_text
 
@@ -123,10 +123,7 @@ def _load_run(path: Path, *, baselines: dict | None, source: Path | None, varian
     cfg_path = path / "config.yaml"
     if not cfg_path.is_file():
         raise DataError(f"{path}: config.yaml missing (not a fedumm run directory)")
-    try:
-        cfg = yaml.safe_load(cfg_path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as exc:
-        raise DataError(f"{cfg_path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    cfg = read_yaml_mapping(cfg_path, "run config", error=DataError)
     fed = cfg.get("federation") or {}
     rounds = _read_rounds(path / "metrics.jsonl")
     base = summary if baselines is None else baselines
