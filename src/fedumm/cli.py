@@ -294,10 +294,18 @@ def data_synth(
                 rp.update("synth", done)
 
             manifest = synthesize(out, seed=seed, images=sizes, progress=cb)
+    except ValueError as exc:  # an unknown split, a negative count
+        _fail(ConfigError(f"fedumm data synth: {exc}"))
     except FedummError as exc:
         _fail(exc)
-    out_console.print(f"wrote the synthetic world to {out}")
-    out_console.print(manifest)
+    t = Table(title=f"synthetic world (seed {seed}) in {out}")
+    for col in ("split", "images", "questions", "captions name shapes"):
+        t.add_column(col, justify="left" if col == "split" else "right")
+    for files in manifest.splits:
+        t.add_row(
+            files.name, str(files.num_images), str(files.num_questions), str(files.name != "public").lower()
+        )
+    out_console.print(t)
 
 
 @app.command()

@@ -12,13 +12,14 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from fedumm.errors import CheckpointError
+from fedumm.errors import CheckpointError, DataError, FedummError
 
 __all__ = [
     "atomic_write_bytes",
     "atomic_write_text",
     "atomic_write_json",
     "atomic_save_safetensors",
+    "read_json_object",
     "read_safetensors",
 ]
 
@@ -78,3 +79,23 @@ def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
         return load_file(str(path))
     except Exception as exc:  # safetensors raises several types for corrupt headers
         raise CheckpointError(f"{path}: not a valid safetensors file ({exc})") from None
+
+
+def read_json_object(path: str | Path, *, error: type[FedummError] = DataError) -> dict[str, Any]:
+    """Parse a JSON file whose top level is an object; anything else raises one ``error`` naming the file."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise error(f"{path}: file not found") from None
+    except OSError as exc:
+        raise error(f"{path}: cannot read file: {exc}") from None
+    try:
+        doc = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise error(f"{path}: malformed JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from None
+    except UnicodeDecodeError as exc:
+        raise error(f"{path}: not valid UTF-8 JSON: {exc}") from None
+    if not isinstance(doc, dict):
+        raise error(f"{path}: top level must be a JSON object, got {type(doc).__name__}")
+    return doc

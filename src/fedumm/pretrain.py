@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from fedumm.client.train import evaluate_vqa
-from fedumm.io import atomic_write_json
+from fedumm.io import atomic_write_json, read_json_object
 from fedumm.models.janus import BUILTIN_PATH, JanusFamily
 from fedumm.models.janus_tiny import build_processor, build_tiny_janus, build_tokenizer
 from fedumm.progress import NullProgress, Progress
@@ -79,6 +79,7 @@ def pretrain(
     from fedumm.models import janus_generation as jg
 
     progress = progress or NullProgress()
+    _check_world_version(Path(data_dir))
     if spec.threads:
         torch.set_num_threads(spec.threads)
     t0 = time.perf_counter()
@@ -186,6 +187,22 @@ def pretrain(
     tmp.rename(out)
     log.info("saved %s", out)
     return report
+
+
+def _check_world_version(data_dir: Path) -> None:
+    """A synthetic world (one with a ``world.json``) must have the current format version."""
+    from fedumm.data.synth import FORMAT_VERSION
+    from fedumm.errors import DataError
+
+    path = data_dir / "world.json"
+    if not path.is_file():
+        return  # not a synthetic world: any VQA v2 + COCO captions dataset
+    version = read_json_object(path).get("format_version")
+    if version != FORMAT_VERSION:
+        raise DataError(
+            f"{path}: synthetic world of format {version!r}, this fedumm writes format {FORMAT_VERSION}; "
+            f"render it again with `fedumm data synth --out {data_dir}`"
+        )
 
 
 def _tail(values: list[float], n: int = 50) -> float:

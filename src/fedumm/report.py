@@ -18,7 +18,7 @@ from matplotlib.ticker import MaxNLocator
 
 from fedumm.config import read_yaml_mapping
 from fedumm.errors import DataError
-from fedumm.io import atomic_write_bytes, atomic_write_text
+from fedumm.io import atomic_write_bytes, atomic_write_text, read_json_object
 
 __all__ = ["RunResult", "collect", "write_report"]
 
@@ -62,16 +62,6 @@ class RunResult:
 
 
 # ------------------------------------------------------------------------------------------- collecting
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise DataError(f"{path}: not readable JSON ({exc})") from None
-    if not isinstance(data, dict):
-        raise DataError(f"{path}: expected a JSON object")
-    return data
 
 
 def _read_rounds(path: Path) -> list[dict]:
@@ -119,7 +109,7 @@ def _geneval(summary: dict) -> dict | None:
 
 
 def _load_run(path: Path, *, baselines: dict | None, source: Path | None, variant: str) -> RunResult:
-    summary = _read_json(path / "summary.json")
+    summary = read_json_object(path / "summary.json")
     cfg_path = path / "config.yaml"
     if not cfg_path.is_file():
         raise DataError(f"{path}: config.yaml missing (not a fedumm run directory)")
@@ -175,7 +165,7 @@ def _variant(settings: dict) -> str:
 
 
 def _sweep_cells(sweep_dir: Path) -> list[RunResult]:
-    index = _read_json(sweep_dir / _SWEEP_INDEX)
+    index = read_json_object(sweep_dir / _SWEEP_INDEX)
     cells = index.get("cells")
     if not isinstance(cells, list):
         raise DataError(f"{sweep_dir / _SWEEP_INDEX}: 'cells' list missing")
@@ -192,7 +182,7 @@ def _sweep_cells(sweep_dir: Path) -> list[RunResult]:
 def _with_baselines(d: Path, base_dir: Path | None, cell: dict) -> RunResult:
     baselines = None
     if base_dir is not None and (base_dir / "summary.json").is_file():
-        baselines = _read_json(base_dir / "summary.json")
+        baselines = read_json_object(base_dir / "summary.json")
     return _load_run(
         d,
         baselines=baselines,
@@ -205,7 +195,7 @@ def _plain_run(path: Path) -> RunResult:
     """A run directory; a cell of a sweep takes the baselines of its sweep's baseline cell."""
     index_path = path.parent / _SWEEP_INDEX
     if index_path.is_file():
-        cells = _read_json(index_path).get("cells") or []
+        cells = read_json_object(index_path).get("cells") or []
         by_dir = {c.get("dir"): c for c in cells}
         cell = by_dir.get(path.name)
         if cell and cell.get("kind") == "federated":

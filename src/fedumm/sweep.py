@@ -19,7 +19,7 @@ from fedumm.config import Config, dump_config, format_validation_error, load_con
 from fedumm.errors import ConfigError, FedummError
 from fedumm.experiment import resume_experiment, run_experiment
 from fedumm.fl.strategies import make_strategy
-from fedumm.io import atomic_write_json
+from fedumm.io import atomic_write_json, read_json_object
 from fedumm.progress import NullProgress, Progress
 
 __all__ = [
@@ -365,13 +365,6 @@ def _baseline_cell(sweep: Sweep, name: str, relevant: dict[str, Any], seed: int)
 # ----------------------------------------------------------------------------------------------- running
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"{path}: not readable JSON ({exc})") from None
-
-
 def _state(sweep: Sweep, cell: Cell, d: Path) -> str:
     """'finished', 'resume' or 'new'; an existing run with another config is an error."""
     summary_path, metrics = d / "summary.json", d / "metrics.jsonl"
@@ -385,7 +378,10 @@ def _state(sweep: Sweep, cell: Cell, d: Path) -> str:
                 f"{sweep.path}: cell {cell.name}: {d} holds a run with another config; "
                 "restore the sweep file or move that directory away"
             )
-    if summary_path.is_file() and _read_json(summary_path).get("status") == "finished":
+    if (
+        summary_path.is_file()
+        and read_json_object(summary_path, error=ConfigError).get("status") == "finished"
+    ):
         return "finished"
     return "resume"
 
@@ -395,7 +391,7 @@ def read_index(sweep_dir: str | Path) -> dict:
     path = Path(sweep_dir) / SWEEP_INDEX
     if not path.is_file():
         raise ConfigError(f"{sweep_dir}: not a sweep directory ({SWEEP_INDEX} missing)")
-    return _read_json(path)
+    return read_json_object(path, error=ConfigError)
 
 
 def _write_index(sweep: Sweep, out: Path, cells: list[Cell], status: dict, wall: dict) -> None:
@@ -467,7 +463,7 @@ def run_sweep(sweep: Sweep, out_dir: str | Path, *, progress: Progress | None = 
 
     for cell in cells:
         if states[cell.name] == "finished":
-            record(cell, _read_json(out / cell.name / "summary.json"))
+            record(cell, read_json_object(out / cell.name / "summary.json", error=ConfigError))
     _write_index(sweep, out, cells, status, wall_of)
 
     n = len(cells)
@@ -486,7 +482,11 @@ def run_sweep(sweep: Sweep, out_dir: str | Path, *, progress: Progress | None = 
             else:
                 summary = run_experiment(cell.config, d, progress=progress)
         except BaseException as exc:
-            saved = _read_json(d / "summary.json") if (d / "summary.json").is_file() else {}
+            saved = (
+                read_json_object(d / "summary.json", error=ConfigError)
+                if (d / "summary.json").is_file()
+                else {}
+            )
             interrupted = isinstance(exc, KeyboardInterrupt)
             status[cell.name] = saved.get("status") or ("interrupted" if interrupted else "failed")
             if status[cell.name] in ("running", "finished"):

@@ -120,6 +120,11 @@ def test_data_synth_command(tmp_path):
     )
     assert res.exit_code == 0, res.output
     assert (tmp_path / "w" / "v2_mscoco_private_annotations.json").is_file()
+    cells = [[c.strip() for c in line.split("│")[1:-1]] for line in res.output.splitlines() if "│" in line]
+    rows = {row[0]: row[1:] for row in cells if row}
+    assert rows["public"] == ["2", "6", "false"] and rows["private"] == ["2", "6", "true"]
+    bad = runner.invoke(app, ["data", "synth", "--out", str(tmp_path / "x"), "--images", "nope=2"])
+    assert bad.exit_code != 0 and "unknown split" in bad.output and "Traceback" not in bad.output
 
 
 def test_comm_counts_from_shipped_config():

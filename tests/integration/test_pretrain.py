@@ -52,3 +52,19 @@ def test_shipped_checkpoint_covers_generation_and_stays_small():
     state = load_file(weights)
     codebook = state["model.vqmodel.quantize.embedding.weight"]
     assert torch.allclose(codebook.norm(dim=-1), torch.ones(codebook.shape[0]), atol=1e-4)  # trained VQ
+
+
+def test_pretrain_refuses_a_synthetic_world_of_an_older_format(tmp_path):
+    from fedumm.data import synth
+    from fedumm.errors import DataError
+
+    world = synth.synthesize(tmp_path / "w", seed=0, images={"public": 2, "val": 1}).root
+    doc = json.loads((world / "world.json").read_text())
+    doc["format_version"] = synth.FORMAT_VERSION - 1
+    (world / "world.json").write_text(json.dumps(doc))
+    with pytest.raises(DataError, match=r"world\.json: synthetic world of format 1.*fedumm data synth"):
+        pretrain(world, tmp_path / "ckpt")
+    assert not (tmp_path / "ckpt").exists()
+    (world / "world.json").write_text("[]")
+    with pytest.raises(DataError, match="top level must be a JSON object"):
+        pretrain(world, tmp_path / "ckpt")

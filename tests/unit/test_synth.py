@@ -86,6 +86,7 @@ def test_progress_and_manifest(tmp_path: Path) -> None:
     assert world["shapes"] == list(render.SHAPES)
     assert set(world["colours"]) == set(COLOURS) and set(world["sizes"]) == set(render.SIZES)
     assert world["held_out_combos"] == [list(c) for c in synth.HELD_OUT_COMBOS]
+    assert world["captions_name_shapes"] == {"public": False, "val": True}
     assert not list(tmp_path.rglob("*.tmp"))
 
 
@@ -167,6 +168,12 @@ def test_captions_and_scenes_format(world: synth.WorldManifest) -> None:
                 assert not texts[1].endswith(".") and texts[1] != texts[0]
         scenes = render.load_scenes(files.scenes_path)
         assert sorted(scenes) == [i["id"] for i in captions["images"]]
+        for image in captions["images"]:  # the canonical caption; public ones name no shape
+            scene = scenes[image["id"]]
+            canonical = by_image[image["id"]][0]
+            assert canonical == render.caption_scene(scene, shapes=files.name != "public")
+            named = set(synth.tokenize(canonical)) & set(render.SHAPES)
+            assert named == (set() if files.name == "public" else {o.shape for o in scene.objects})
         for record in read(files.scenes_path)["scenes"]:
             for obj in record["objects"]:
                 assert set(obj) == {"shape", "colour", "size", "cx", "cy", "bbox"}
@@ -379,6 +386,12 @@ def test_captions() -> None:
     above = SceneObject(shape="diamond", colour="orange", size="small", cx=20, cy=50)
     assert render.caption_scene(Scene(objects=(above, red))) == (
         "a large red circle above a small orange diamond."
+    )
+    assert render.caption_scene(Scene(objects=(blue, red)), shapes=False) == (
+        "a large red shape to the left of a small blue shape."
+    )
+    assert render.caption_scene(Scene(objects=(green, blue, red)), shapes=False) == (
+        "a large red shape, a small green shape and a small blue shape."
     )
 
 

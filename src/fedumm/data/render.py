@@ -153,12 +153,16 @@ def relation(a: SceneObject, b: SceneObject) -> tuple[str, int]:
     return ("above" if dy < 0 else "below"), abs(dy)
 
 
-def caption_scene(scene: Scene) -> str:
-    """Deterministic one-sentence description of all objects, listed left to right."""
+def caption_scene(scene: Scene, *, shapes: bool = True) -> str:
+    """Deterministic one-sentence description of all objects, listed left to right.
+
+    With ``shapes=False`` every object is called a "shape" ("a small red shape to the left of a
+    large blue shape."): the caption keeps sizes, colours and layout but names no shape.
+    """
     if not scene.objects:
         raise ValueError("cannot caption an empty scene")
     objs = sorted(scene.objects, key=lambda o: (o.cx, o.cy))
-    phrases = [f"a {o.size} {o.colour} {o.shape}" for o in objs]
+    phrases = [f"a {o.size} {o.colour} {o.shape if shapes else 'shape'}" for o in objs]
     if len(phrases) == 1:
         return f"{phrases[0]}."
     if len(phrases) == 2:

@@ -7,6 +7,12 @@ add spatial-relation, attribute-counting and held-out-existence questions. Every
 canonical caption ("a small red circle to the left of a large blue square."); images outside the
 public split also have a second, prompt-style caption in GenEval's phrasings ("two circles and a
 square", "a circle to the left of a small square"), which pretraining never sees.
+
+Generation has its own public/private shift: public captions never name a shape ("a small red
+shape to the left of a large blue shape."). Pretraining teaches the shape words through VQA only,
+so the pretrained generator draws colours, sizes and layouts on demand but not shapes; drawing a
+named shape is what the clients' private caption-image pairs teach. (In the field: public
+alt-text describes a scan coarsely; a hospital's reports name the structures.)
 """
 
 from __future__ import annotations
@@ -45,7 +51,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 SPLITS: tuple[str, ...] = ("public", "private", "val", "test")
 DEFAULT_IMAGES = MappingProxyType({"public": 3000, "private": 1000, "val": 250, "test": 250})
 HELD_OUT_COMBOS = (("purple", "triangle"), ("orange", "diamond"), ("green", "circle"))
@@ -108,6 +114,7 @@ class _SplitConfig:
     allowed: tuple[tuple[str, str], ...]
     held_out_include_prob: float
     prompt_captions: bool  # a second, prompt-style caption per image (generation fine-tuning data)
+    caption_shapes: bool  # captions name shapes; public ones say "shape" instead
 
 
 class _QA(NamedTuple):
@@ -164,6 +171,7 @@ def _config(split: str) -> _SplitConfig:
             allowed=allowed,
             held_out_include_prob=0.0,
             prompt_captions=False,
+            caption_shapes=False,
         )
     return _SplitConfig(
         min_objects=2,
@@ -172,6 +180,7 @@ def _config(split: str) -> _SplitConfig:
         allowed=render.all_combos(),
         held_out_include_prob=HELD_OUT_INCLUDE_PROB,
         prompt_captions=True,
+        caption_shapes=True,
     )
 
 
@@ -417,7 +426,8 @@ def _write_split(
             questions.append({"image_id": image_id, "question": qa.question, "question_id": question_id})
             annotations.append(_annotation(qa, image_id, question_id, rng))
         cap_images.append({"id": image_id, "file_name": file_name, "width": CANVAS, "height": CANVAS})
-        captions.append({"id": image_id, "image_id": image_id, "caption": render.caption_scene(scene)})
+        caption = render.caption_scene(scene, shapes=cfg.caption_shapes)
+        captions.append({"id": image_id, "image_id": image_id, "caption": caption})
         if cfg.prompt_captions:
             # a second, prompt-style caption from its own stream, so images and questions are unchanged
             prompt_rng = np.random.default_rng(np.random.SeedSequence([seed, split_index, index, 1]))
@@ -521,6 +531,7 @@ def synthesize(
             "colours": {name: list(rgb) for name, rgb in COLOURS.items()},
             "sizes": dict(SIZES),
             "held_out_combos": [list(c) for c in HELD_OUT_COMBOS],
+            "captions_name_shapes": {s.name: _config(s.name).caption_shapes for s in splits},
         },
     )
     return WorldManifest(root=root, seed=seed, world_path=world_path, splits=splits)

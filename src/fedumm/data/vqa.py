@@ -6,7 +6,6 @@ file and the record at fault.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
@@ -17,6 +16,7 @@ from typing import Any
 from PIL import Image
 
 from fedumm.errors import DataError
+from fedumm.io import read_json_object
 
 __all__ = [
     "DEFAULT_IMAGE_NAME_PATTERN",
@@ -70,26 +70,6 @@ def majority_answer(answers: Sequence[str]) -> str:
     if not answers:
         raise ValueError("no answers")
     return Counter(canonical_answer(a) for a in answers).most_common(1)[0][0]
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError as exc:
-        raise DataError(f"{path}: file not found") from exc
-    except OSError as exc:
-        raise DataError(f"{path}: cannot read file: {exc}") from exc
-    try:
-        doc = json.loads(raw)
-    except json.JSONDecodeError as exc:
-        raise DataError(
-            f"{path}: malformed JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}"
-        ) from exc
-    except UnicodeDecodeError as exc:
-        raise DataError(f"{path}: not valid UTF-8 JSON: {exc}") from exc
-    if not isinstance(doc, dict):
-        raise DataError(f"{path}: top level must be a JSON object, got {type(doc).__name__}")
-    return doc
 
 
 def _top_level(doc: Mapping[str, Any], key: str, kind: type, path: Path) -> Any:
@@ -189,8 +169,8 @@ def load_vqa(
     ``data_subtype``); with ``check_images`` each image file must exist (it is not decoded).
     """
     questions_path, annotations_path = Path(questions_path), Path(annotations_path)
-    qdoc = _read_json(questions_path)
-    adoc = _read_json(annotations_path)
+    qdoc = read_json_object(questions_path)
+    adoc = read_json_object(annotations_path)
     data_subtype = _top_level(qdoc, "data_subtype", str, questions_path)
     questions = _parse_questions(_top_level(qdoc, "questions", list, questions_path), questions_path)
     annotations = _parse_annotations(
