@@ -6,7 +6,8 @@ Usage: .venv/bin/python benchmarks/geneval_noise.py --adapter runs/demo/global_a
 One GenEval score is a single draw of a sampler. This script scores both models (the pretrained
 one exactly as shipped, without alignment tokens, as a run's zero-shot row; and the same model with
 the adapter a run saved) on the same built-in prompts for every seed x CFG x temperature, then
-reports each setting, the mean over all settings per model and tag, and the spread between seeds.
+reports each setting, the mean over all settings per model and tag, the gain per setting, and per
+object class the images judged correct (over all settings) on the prompts that name one class.
 """
 
 from __future__ import annotations
@@ -22,16 +23,25 @@ from fedumm.eval.generation import GenerationEvalSpec, evaluate_generation, flat
 from fedumm.models.janus import JanusFamily
 
 
-def _scores(family: JanusFamily, prompts, settings) -> list[dict[str, float]]:
+def _scores(family: JanusFamily, prompts, settings) -> tuple[list[dict[str, float]], dict[str, str]]:
     out = []
+    classes_of = {p.index: {r.cls for r in p.include} for p in prompts}
+    by_class: dict[str, list[int]] = {}  # class -> [correct, images], prompts naming one class only
     for seed, cfg, temperature in settings:
         spec = GenerationEvalSpec(seed=seed, guidance_scale=cfg, temperature=temperature)
-        metrics = flat_metrics(evaluate_generation(family, prompts, spec=spec))
+        result = evaluate_generation(family, prompts, spec=spec)
+        metrics = flat_metrics(result)
         out.append({"seed": seed, "cfg": cfg, "temperature": temperature, **metrics})
+        for record in result["images"]:
+            classes = classes_of[record["index"]]
+            if len(classes) == 1:
+                tally = by_class.setdefault(next(iter(classes)), [0, 0])
+                tally[0] += bool(record["correct"])
+                tally[1] += 1
         print(
             f"  seed {seed} cfg {cfg} T {temperature}: overall {metrics['geneval_overall']:.2f}", flush=True
         )
-    return out
+    return out, {cls: f"{c}/{n}" for cls, (c, n) in sorted(by_class.items())}
 
 
 def _summary(rows: list[dict[str, float]]) -> dict[str, float]:
@@ -54,16 +64,16 @@ def main() -> None:
     family = JanusFamily.from_pretrained(args.model)
     print("pretrained (zero-shot)", flush=True)
     with family.pretrained_prompts():
-        base = _scores(family, prompts, settings)
+        base, base_classes = _scores(family, prompts, settings)
     family.load_adapter(args.adapter)
     print(f"with {args.adapter}", flush=True)
-    tuned = _scores(family, prompts, settings)
+    tuned, tuned_classes = _scores(family, prompts, settings)
     gains = [t["geneval_overall"] - b["geneval_overall"] for b, t in zip(base, tuned, strict=True)]
     result = {
         "prompts": len(prompts),
         "settings": len(settings),
-        "zero_shot": {"mean": _summary(base), "runs": base},
-        "fine_tuned": {"mean": _summary(tuned), "runs": tuned},
+        "zero_shot": {"mean": _summary(base), "by_class": base_classes, "runs": base},
+        "fine_tuned": {"mean": _summary(tuned), "by_class": tuned_classes, "runs": tuned},
         "overall_gain": {
             "mean": round(mean(gains), 2),
             "min": round(min(gains), 2),
