@@ -303,7 +303,10 @@ def data_synth(
         t.add_column(col, justify="left" if col == "split" else "right")
     for files in manifest.splits:
         t.add_row(
-            files.name, str(files.num_images), str(files.num_questions), str(files.name != "public").lower()
+            files.name,
+            str(files.num_images),
+            str(files.num_questions),
+            str(files.captions_name_shapes).lower(),
         )
     out_console.print(t)
 

@@ -6,7 +6,7 @@ import logging
 import resource
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -77,7 +77,7 @@ def needs_generation(cfg: Config) -> bool:
 def load_data(cfg: Config, *, eval_splits: bool = True) -> ExperimentData:
     """Load the train/val/test splits (building the synthetic world first if asked to)."""
     from fedumm.data.captions import load_captions
-    from fedumm.data.synth import synthesize
+    from fedumm.data.synth import synthesize, world_mismatch
     from fedumm.data.vqa import load_split
 
     d = cfg.data
@@ -88,7 +88,7 @@ def load_data(cfg: Config, *, eval_splits: bool = True) -> ExperimentData:
             )
         log.info("synthesizing the world into %s", d.path)
         synthesize(d.path, seed=cfg.seed, images=d.synth_images)
-    elif d.synthesize_if_missing and (stale := _stale_world(d.path, cfg.seed, d.synth_images)):
+    elif d.synthesize_if_missing and (stale := world_mismatch(d.path, seed=cfg.seed, images=d.synth_images)):
         log.warning("re-rendering the synthetic world in %s (%s)", d.path, stale)
         synthesize(d.path, seed=cfg.seed, images=d.synth_images)
     train = load_split(d.path, d.train_split)
@@ -115,26 +115,6 @@ def load_data(cfg: Config, *, eval_splits: bool = True) -> ExperimentData:
         val_captions=held_out(d.val_split),
         test_captions=held_out(d.test_split),
     )
-
-
-def _stale_world(path: Path, seed: int, images: Mapping[str, int] | None) -> str:
-    """Why the synthetic world in ``path`` is not the config's ("" if it is, or is not synthetic)."""
-    from fedumm.data.synth import DEFAULT_IMAGES, FORMAT_VERSION
-    from fedumm.io import read_json_object
-
-    world_file = path / "world.json"
-    if not world_file.is_file():
-        return ""  # a user's dataset: used as it is
-    world = read_json_object(world_file)
-    if world.get("format_version") != FORMAT_VERSION:
-        return f"format {world.get('format_version')!r}, this fedumm writes {FORMAT_VERSION}"
-    if world.get("seed") != seed:
-        return f"seed {world.get('seed')!r}, the config's seed is {seed}"
-    have = {name: (v or {}).get("images") for name, v in (world.get("splits") or {}).items()}
-    want = dict(DEFAULT_IMAGES if images is None else images)
-    if any(have.get(name) != n for name, n in want.items()):
-        return f"images per split {have}, the config asks for {want}"
-    return ""
 
 
 def _relabel(partition: Partition, names: Sequence[str], everyone: Sequence[str]) -> Partition:

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from fedumm.client.train import evaluate_vqa
-from fedumm.io import atomic_write_json, read_json_object
+from fedumm.io import atomic_write_json
 from fedumm.models.janus import BUILTIN_PATH, JanusFamily
 from fedumm.models.janus_tiny import build_processor, build_tiny_janus, build_tokenizer
 from fedumm.progress import NullProgress, Progress
@@ -191,16 +191,12 @@ def pretrain(
 
 def _check_world_version(data_dir: Path) -> None:
     """A synthetic world (one with a ``world.json``) must have the current format version."""
-    from fedumm.data.synth import FORMAT_VERSION
+    from fedumm.data.synth import world_mismatch
     from fedumm.errors import DataError
 
-    path = data_dir / "world.json"
-    if not path.is_file():
-        return  # not a synthetic world: any VQA v2 + COCO captions dataset
-    version = read_json_object(path).get("format_version")
-    if version != FORMAT_VERSION:
+    if why := world_mismatch(data_dir):
         raise DataError(
-            f"{path}: synthetic world of format {version!r}, this fedumm writes format {FORMAT_VERSION}; "
+            f"{data_dir / 'world.json'}: synthetic world of {why}; "
             f"render it again with `fedumm data synth --out {data_dir}`"
         )
 

@@ -47,6 +47,7 @@ __all__ = [
     "image_file_name",
     "synthesize",
     "tokenize",
+    "world_mismatch",
 ]
 
 logger = logging.getLogger(__name__)
@@ -137,6 +138,7 @@ class SplitFiles:
     image_dir: Path
     num_images: int
     num_questions: int
+    captions_name_shapes: bool
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -452,6 +454,7 @@ def _write_split(
         image_dir=image_dir,
         num_images=n_images,
         num_questions=len(questions),
+        captions_name_shapes=cfg.caption_shapes,
     )
     _write_json(
         files.questions_path,
@@ -531,7 +534,32 @@ def synthesize(
             "colours": {name: list(rgb) for name, rgb in COLOURS.items()},
             "sizes": dict(SIZES),
             "held_out_combos": [list(c) for c in HELD_OUT_COMBOS],
-            "captions_name_shapes": {s.name: _config(s.name).caption_shapes for s in splits},
+            "captions_name_shapes": {s.name: s.captions_name_shapes for s in splits},
         },
     )
     return WorldManifest(root=root, seed=seed, world_path=world_path, splits=splits)
+
+
+def world_mismatch(root: Path, *, seed: int | None = None, images: Mapping[str, int] | None = None) -> str:
+    """Why the synthetic world in ``root`` is not the one asked for; "" when it is or is not synthetic.
+
+    The format version always counts; ``seed`` and ``images`` (``None``: the default sizes) are
+    compared only when a seed is given. A folder without ``world.json`` is a user's dataset: "".
+    """
+    from fedumm.io import read_json_object
+
+    world_file = Path(root) / "world.json"
+    if not world_file.is_file():
+        return ""
+    world = read_json_object(world_file)
+    if world.get("format_version") != FORMAT_VERSION:
+        return f"format {world.get('format_version')!r}, this fedumm writes {FORMAT_VERSION}"
+    if seed is None:
+        return ""
+    if world.get("seed") != seed:
+        return f"seed {world.get('seed')!r}, the config's seed is {seed}"
+    have = {name: (v or {}).get("images") for name, v in (world.get("splits") or {}).items()}
+    want = dict(DEFAULT_IMAGES if images is None else images)
+    if any(have.get(name) != n for name, n in want.items()):
+        return f"images per split {have}, the config asks for {want}"
+    return ""
