@@ -23,8 +23,8 @@ from fedumm.data.render import render_scene
 from fedumm.eval.detect import detect
 from fedumm.eval.generation import GenerationEvalSpec, evaluate_generation, flat_metrics
 from fedumm.eval.geneval import evaluate
-from fedumm.models.janus import JanusFamily
-from fedumm.models.janus_generation import reconstruct, vq_eval
+from fedumm.models.janus.family import JanusFamily
+from fedumm.models.janus.generation import reconstruct, vq_eval
 
 
 def _score(prompts, owners, images) -> dict[str, float]:

@@ -20,7 +20,7 @@ from pathlib import Path
 from statistics import mean
 
 from fedumm.eval.generation import GenerationEvalSpec, evaluate_generation, flat_metrics, load_prompts
-from fedumm.models.janus import JanusFamily
+from fedumm.models.janus.family import JanusFamily
 
 
 def _scores(family: JanusFamily, prompts, settings) -> tuple[list[dict[str, float]], dict[str, str]]:

@@ -18,7 +18,7 @@ import torch
 from fedumm.client.train import TrainSpec, train_local
 from fedumm.data.vqa import load_split
 from fedumm.models.base import LoraSpec
-from fedumm.models.janus import JanusFamily
+from fedumm.models.janus.family import JanusFamily
 
 
 def main() -> None:

@@ -24,7 +24,7 @@ def tiny_world(tmp_path_factory) -> Path:
 def tiny_checkpoint(tmp_path_factory) -> Path:
     """A randomly initialised tiny Janus saved as a HF directory (independent of the shipped one)."""
     from fedumm.data.synth import VOCABULARY
-    from fedumm.models.janus_tiny import build_processor, build_tiny_janus, build_tokenizer
+    from fedumm.models.janus.tiny import build_processor, build_tiny_janus, build_tokenizer
 
     root = tmp_path_factory.mktemp("janus-tiny")
     tok = build_tokenizer(VOCABULARY)

@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
+from rich.console import Console, ConsoleDimensions
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -25,6 +26,7 @@ from rich.table import Table
 
 from fedumm.errors import ConfigError, DataError, FedummError
 from fedumm.io import atomic_write_bytes
+from fedumm.summary import SETTINGS, RunSummary, SettingResult
 
 app = typer.Typer(
     add_completion=False,
@@ -38,8 +40,30 @@ nvflare_app = typer.Typer(no_args_is_help=True, help="NVIDIA FLARE: jobs for a p
 app.add_typer(eval_app, name="eval")
 app.add_typer(nvflare_app, name="nvflare")
 
-console = Console(stderr=True)
-out_console = Console()
+
+class _Console(Console):
+    """A rich console that prints text as given: no emoji codes (``:100:`` in an error message stays
+    ``:100:``) and, when the output is not a terminal (a CI log, a pipe), a width that keeps tables
+    readable instead of rich's 80 columns."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(emoji=False, **kwargs)
+
+    @property
+    def size(self) -> ConsoleDimensions:  # type: ignore[override]
+        size = Console.size.fget(self)  # type: ignore[attr-defined]
+        if self._width is None and not self.is_terminal and "COLUMNS" not in self._environ:
+            return ConsoleDimensions(max(size.width, NON_TERMINAL_WIDTH), size.height)
+        return size
+
+    @size.setter
+    def size(self, new_size: tuple[int, int]) -> None:
+        Console.size.fset(self, new_size)  # type: ignore[attr-defined]
+
+
+NON_TERMINAL_WIDTH = 160
+console = _Console(stderr=True)
+out_console = _Console()
 
 
 class RichProgress:
@@ -78,7 +102,7 @@ def _progress() -> Progress:
 
 
 def _fail(exc: BaseException) -> None:
-    console.print(f"[bold red]error:[/] {exc}", markup=True, highlight=False, soft_wrap=True)
+    console.print(f"[bold red]error:[/] {escape(str(exc))}", markup=True, highlight=False, soft_wrap=True)
     code = 2 if isinstance(exc, ConfigError | DataError) else 1
     raise typer.Exit(code)
 
@@ -100,36 +124,38 @@ def _setup_logging(verbose: bool) -> None:
         pass
 
 
-def _pct(v: dict | None, key: str = "vqa_accuracy") -> str:
-    return "-" if not v or v.get(key) is None else f"{v[key]:.2f}"
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
 
 
-def _summary_table(summary: dict) -> Table:
-    t = Table(title=f"fedumm run '{summary.get('name')}' ({summary.get('status')})")
+def _summary_table(summary: RunSummary, loss_label: str) -> Table:
+    t = Table(title=f"fedumm run '{summary.name}' ({summary.status})")
     t.add_column("setting")
     t.add_column("VQA accuracy (test, %)", justify="right")
-    rows = [summary.get(name) or {} for name in ("zero_shot", "centralized", "federated")]
-    loss = any("image_token_loss" in r for r in rows)
+    rows = [summary.setting(name) or SettingResult() for name in SETTINGS]
+    loss = any(r.generation_loss is not None for r in rows)
     if loss:
-        t.add_column("image-token loss (test)", justify="right")
-    tags = [k for k in GENEVAL_COLUMNS if any(k in r for r in rows)]
+        t.add_column(f"{loss_label} (test)", justify="right")
+    tags = [k for k in GENEVAL_COLUMNS if any(k in r.geneval for r in rows)]
     for key in tags:
         t.add_column(GENEVAL_COLUMNS[key], justify="right")
-    for name, row in zip(("zero_shot", "centralized", "federated"), rows, strict=True):
-        value = row.get("image_token_loss")
-        cells = [f"{value:.3f}" if isinstance(value, (int, float)) else "-"] if loss else []
-        t.add_row(name.replace("_", "-"), _pct(row), *cells, *(_pct(row, key) for key in tags))
+    for name, row in zip(SETTINGS, rows, strict=True):
+        value = row.generation_loss
+        cells = [f"{value:.3f}" if value is not None else "-"] if loss else []
+        t.add_row(
+            name.replace("_", "-"), _pct(row.vqa_accuracy), *cells, *(_pct(row.geneval.get(k)) for k in tags)
+        )
     return t
 
 
 GENEVAL_COLUMNS = {
-    "geneval_overall": "GenEval overall",
-    "geneval_single_object": "single",
-    "geneval_two_object": "two",
-    "geneval_counting": "counting",
-    "geneval_colors": "colors",
-    "geneval_position": "position",
-    "geneval_color_attr": "color attr",
+    "overall": "GenEval overall",
+    "single_object": "single",
+    "two_object": "two",
+    "counting": "counting",
+    "colors": "colors",
+    "position": "position",
+    "color_attr": "color attr",
 }
 
 
@@ -177,13 +203,15 @@ def run(
         raise typer.Exit(130) from None
     except FedummError as exc:
         _fail(exc)
-    out_console.print(_summary_table(summary))
+    from fedumm.models import family_info
+
+    out_console.print(_summary_table(summary, family_info(summary.family).generation_loss_label))
     mb = 1024 * 1024
-    up, down = summary["bytes_up_per_round"] / mb, summary["bytes_down_per_round"] / mb
+    up, down = (summary.bytes_up_per_round or 0) / mb, (summary.bytes_down_per_round or 0) / mb
     out_console.print(
         f"bytes per round: up {up:.3f} MiB, down {down:.3f} MiB; "
-        f"full model {summary['full_model_bytes'] / mb:.2f} MiB; wall {summary['wall_time_s']:.1f} s; "
-        f"peak RSS {summary['peak_rss_bytes'] / mb:.0f} MiB; outputs in {target}"
+        f"full model {(summary.full_model_bytes or 0) / mb:.2f} MiB; wall {summary.wall_time_s or 0:.1f} s; "
+        f"peak RSS {(summary.peak_rss_bytes or 0) / mb:.0f} MiB; outputs in {target}"
     )
 
 
@@ -229,10 +257,12 @@ def sweep(
         t.add_row(
             r.cell.name,
             "kept" if r.skipped else r.status,
-            _pct(r.summary.get("federated")) if r.cell.kind == "federated" else "-",
-            _pct(r.centralized),
-            _pct(r.zero_shot),
-            f"{r.summary.get('wall_time_s') or 0:.1f}",
+            _pct(r.summary.federated.vqa_accuracy if r.summary.federated else None)
+            if r.cell.kind == "federated"
+            else "-",
+            _pct(r.centralized.vqa_accuracy if r.centralized else None),
+            _pct(r.zero_shot.vqa_accuracy if r.zero_shot else None),
+            f"{r.summary.wall_time_s or 0:.1f}",
         )
     out_console.print(t)
     out_console.print(f"next: fedumm report {out} --out {out / 'report'}")
@@ -393,7 +423,10 @@ def generate(
     metadata: Annotated[
         Path | None, typer.Option("--metadata", help="GenEval metadata JSONL (default: the built-in set)")
     ] = None,
-    model: Annotated[Path | None, typer.Option("--model", help="HF Janus dir (default: built-in)")] = None,
+    model: Annotated[
+        Path | None, typer.Option("--model", help="checkpoint dir (default: the family's built-in)")
+    ] = None,
+    family: Annotated[str, typer.Option("--family", help="model family (janus, blip3o)")] = "janus",
     adapter: Annotated[
         Path | None, typer.Option("--adapter", help="peft adapter dir, e.g. RUN/global_adapter")
     ] = None,
@@ -407,14 +440,14 @@ def generate(
     _setup_logging(False)
     from fedumm.data.geneval_prompts import DEFAULT_PROMPTS_FILE, build_prompt_set, write_prompt_set
     from fedumm.eval.generation import load_prompts
-    from fedumm.models.janus import JanusFamily
+    from fedumm.models import load_family
     from fedumm.seeding import derive_seed
 
     try:
         prompts = load_prompts(metadata, per_tag=None) if metadata else build_prompt_set()
-        family = JanusFamily.from_pretrained(model)
+        net = load_family(family, model)
         if adapter is not None:
-            family.load_adapter(adapter)
+            net.load_adapter(adapter)
         out.mkdir(parents=True, exist_ok=True)
         if metadata is None:
             write_prompt_set(out / DEFAULT_PROMPTS_FILE, prompts)
@@ -423,7 +456,7 @@ def generate(
             task = bars.add_task("sampling", total=len(chunks))
             for b, start in enumerate(chunks):
                 chunk = prompts[start : start + batch]
-                images = family.generate(
+                images = net.generate(
                     [p.prompt for p in chunk],
                     images_per_prompt=images_per_prompt,
                     guidance_scale=guidance_scale,
@@ -492,26 +525,42 @@ def pretrain(
     data: Annotated[Path, typer.Option("--data", help="synthetic world (built here if missing)")] = Path(
         "data/world"
     ),
-    out: Annotated[Path | None, typer.Option("--out", help="checkpoint dir (default: the built-in)")] = None,
+    family: Annotated[
+        str, typer.Option("--family", help="model family to pretrain (janus, blip3o)")
+    ] = "janus",
+    out: Annotated[
+        Path | None, typer.Option("--out", help="checkpoint dir (default: the family's built-in)")
+    ] = None,
     seed: Annotated[int, typer.Option()] = 0,
-    epochs: Annotated[int | None, typer.Option()] = None,
-    vq_steps: Annotated[int | None, typer.Option(help="VQ image-tokenizer steps (0: skip)")] = None,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="a pretraining setting of the family, e.g. --set epochs=2"),
+    ] = None,
+    epochs: Annotated[int | None, typer.Option(help="Janus: epochs of joint training")] = None,
+    vq_steps: Annotated[int | None, typer.Option(help="Janus: VQ image-tokenizer steps (0: skip)")] = None,
 ) -> None:
-    """Pretrain the built-in tiny Janus on the public split (reproduces the shipped checkpoint)."""
+    """Pretrain a family's built-in tiny model on the public split (reproduces the shipped checkpoint)."""
     _setup_logging(False)
+    import yaml
+
     from fedumm.data.synth import synthesize
-    from fedumm.models.janus import BUILTIN_PATH
-    from fedumm.pretrain import PretrainSpec
-    from fedumm.pretrain import pretrain as run_pretrain
+    from fedumm.models import family_class
 
     try:
+        cls = family_class(family)
+        overrides: dict = {}
+        for item in set_ or []:
+            key, eq, raw = item.partition("=")
+            if not eq or not key.strip():
+                raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set epochs=2")
+            overrides[key.strip()] = yaml.safe_load(raw)
+        legacy = {"epochs": epochs, "vq_steps": vq_steps}
+        overrides |= {k: v for k, v in legacy.items() if v is not None}
         if not (data / "world.json").exists():
             console.print(f"building the synthetic world in {data} (seed {seed})")
             synthesize(data, seed=seed)
-        overrides = {"epochs": epochs, "vq_steps": vq_steps}
-        spec = PretrainSpec(seed=seed, **{k: v for k, v in overrides.items() if v is not None})
         with _progress() as bars:
-            report = run_pretrain(data, out or BUILTIN_PATH, spec=spec, progress=RichProgress(bars))
+            report = cls.pretrain(data, out, seed=seed, overrides=overrides, progress=RichProgress(bars))
     except FedummError as exc:
         _fail(exc)
     out_console.print_json(json.dumps(report))

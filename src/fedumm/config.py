@@ -38,18 +38,33 @@ class DataConfig(_Strict):
 
 
 class ModelConfig(_Strict):
-    family: Literal["janus"] = "janus"
-    path: Path | None = Field(default=None, description="local HF checkpoint dir; null = built-in tiny Janus")
-    prompt_template: str = "<image_placeholder> question: {question} answer:"
+    family: str = Field(default="janus", description="a registered model family (fedumm.models)")
+    path: Path | None = Field(
+        default=None, description="local checkpoint dir; null = the family's built-in tiny model"
+    )
+    prompt_template: str | None = Field(
+        default=None, description="VQA prompt with {question} and the image token; null = the family's"
+    )
     max_answer_tokens: int = Field(default=3, ge=1, le=64)
     device: str = "cpu"
+
+    @field_validator("family")
+    @classmethod
+    def _registered(cls, v: str) -> str:
+        from fedumm.models import family_info
+
+        try:
+            family_info(v)
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from None
+        return v
 
 
 class LoraConfigModel(_Strict):
     rank: int = Field(default=16, ge=1, le=1024)
     alpha: float = Field(default=32.0, gt=0)
     dropout: float = Field(default=0.0, ge=0, lt=1)
-    groups: tuple[Literal["vision", "language", "generation"], ...] = ("language",)
+    groups: tuple[str, ...] = Field(default=("language",), description="towers to adapt (the family's)")
     target_modules: tuple[str, ...] | None = Field(default=None, description="null = each tower's defaults")
     alignment_tokens: int = Field(
         default=0,
@@ -92,8 +107,8 @@ class FederationConfig(_Strict):
         default="none", description="client->server transport of the adapter delta"
     )
     error_feedback: bool = Field(default=True, description="carry each client's quantisation error forward")
-    group_strategies: dict[Literal["vision", "language", "generation", "alignment"], str] = Field(
-        default_factory=dict, description="per adapter group, a strategy other than `strategy`"
+    group_strategies: dict[str, str] = Field(
+        default_factory=dict, description="per adapter group (the family's towers, alignment), a strategy"
     )
     tasks: Task = Field(default="understanding", description="every client's task mix")
     task_fractions: dict[Task, float] | None = Field(
@@ -190,14 +205,30 @@ class Config(_Strict):
     nvflare: NvflareConfig = NvflareConfig()
 
     @model_validator(mode="after")
-    def _generation_needs(self) -> Config:
-        tasks = set(self.federation.task_of_clients())
-        if (
-            tasks & {"generation", "both"}
-            and "generation" not in self.lora.groups
-            and ("language" not in self.lora.groups)
-        ):
-            raise ValueError("generation clients need LoRA on the 'language' or 'generation' group")
+    def _family_fits(self) -> Config:
+        """Towers and groups are the family's; every task some client trains must reach an adapter."""
+        from fedumm.models import family_info
+
+        info = family_info(self.model.family)
+        try:
+            info.check_groups(self.lora.groups)
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from None
+        for g in self.federation.group_strategies:
+            if g not in info.groups:
+                raise ValueError(
+                    f"federation.group_strategies: family {info.name!r} has no adapter group {g!r}; "
+                    f"its groups: {', '.join(info.groups)}"
+                )
+        mixes = set(self.federation.task_of_clients())
+        for task, mix in (("understanding", "understanding"), ("generation", "generation")):
+            if mixes & {mix, "both"}:
+                reach = info.task_towers.get(task, ())
+                if not set(reach) & set(self.lora.groups):
+                    raise ValueError(
+                        f"{task} clients need LoRA on one of the {info.name} towers {list(reach)}, "
+                        f"lora.groups is {list(self.lora.groups)}"
+                    )
         return self
 
 
@@ -232,6 +263,8 @@ def format_validation_error(
             lines.append(f"{source}: {where}: unknown key{_suggest(schema, loc)}")
         elif err["type"] == "missing":
             lines.append(f"{source}: {where}: required key is missing")
+        elif not loc:  # a check across sections names its keys itself; the input is the whole tree
+            lines.append(f"{source}: {err['msg'].removeprefix('Value error, ')}")
         else:
             msg = err["msg"].removeprefix("Value error, ")
             got = f" (got {err.get('input')!r})" if show_input else ""

@@ -19,6 +19,7 @@ from matplotlib.ticker import MaxNLocator
 from fedumm.config import read_yaml_mapping
 from fedumm.errors import DataError
 from fedumm.io import atomic_write_bytes, atomic_write_text, read_json_object
+from fedumm.summary import RunSummary, SettingResult
 
 __all__ = ["RunResult", "collect", "write_report"]
 
@@ -78,38 +79,26 @@ def _read_rounds(path: Path) -> list[dict]:
     return rounds
 
 
-def _acc(entry: dict | None, key: str = "vqa_accuracy") -> float | None:
-    value = (entry or {}).get(key)
-    return float(value) if isinstance(value, int | float) else None
+def _summary(path: Path) -> RunSummary:
+    return RunSummary.from_json(read_json_object(path), source=str(path))
 
 
-def _geneval_flat(entry: dict | None) -> dict | None:
-    """GenEval from a summary entry's flat ``geneval_*`` keys (percent) as fractions, or None."""
-    entry = entry or {}
-    if not isinstance(entry.get("geneval_overall"), int | float):
+def _acc(entry: SettingResult | None, val: bool = False) -> float | None:
+    if entry is None:
         return None
-    tags = {
-        k.removeprefix("geneval_"): float(v) / 100.0
-        for k, v in entry.items()
-        if k.startswith("geneval_") and k != "geneval_overall" and isinstance(v, int | float)
-    }
-    return {"overall": float(entry["geneval_overall"]) / 100.0, "tags": tags}
+    return entry.val_vqa_accuracy if val else entry.vqa_accuracy
 
 
-def _geneval(summary: dict) -> dict | None:
-    fed = summary.get("federated") or {}
-    flat = _geneval_flat(fed)
-    if flat is not None:
-        return flat
-    entry = summary.get("geneval") or fed.get("geneval")
-    if not isinstance(entry, dict) or not isinstance(entry.get("overall"), int | float):
+def _geneval(entry: SettingResult | None) -> dict | None:
+    """GenEval of a setting as fractions (``overall``, ``tags``), or None when it has none."""
+    if entry is None or entry.geneval_overall is None:
         return None
-    tags = entry.get("tags") or entry.get("per_tag") or {}
-    return {"overall": float(entry["overall"]), "tags": {str(k): float(v) for k, v in tags.items()}}
+    tags = {k: v / 100.0 for k, v in entry.geneval.items() if k != "overall"}
+    return {"overall": entry.geneval_overall / 100.0, "tags": tags}
 
 
-def _load_run(path: Path, *, baselines: dict | None, source: Path | None, variant: str) -> RunResult:
-    summary = read_json_object(path / "summary.json")
+def _load_run(path: Path, *, baselines: RunSummary | None, source: Path | None, variant: str) -> RunResult:
+    summary = _summary(path / "summary.json")
     cfg_path = path / "config.yaml"
     if not cfg_path.is_file():
         raise DataError(f"{path}: config.yaml missing (not a fedumm run directory)")
@@ -129,33 +118,33 @@ def _load_run(path: Path, *, baselines: dict | None, source: Path | None, varian
     )
     return RunResult(
         path=path,
-        name=str(summary.get("name") or path.name),
+        name=summary.name or path.name,
         strategy=str(fed.get("strategy", "fedavg")),
         clients=int(fed.get("clients", 0)),
         alpha=float(fed.get("alpha", 0.0)),
         seed=int(cfg.get("seed", 0)),
         variant=variant,
-        status=str(summary.get("status", "unknown")),
-        federated=_acc(summary.get("federated")),
-        zero_shot=_acc(base.get("zero_shot")),
-        centralized=_acc(base.get("centralized")),
-        zero_shot_val=_acc(base.get("zero_shot"), "val_vqa_accuracy"),
-        centralized_val=_acc(base.get("centralized"), "val_vqa_accuracy"),
+        status=summary.status,
+        federated=_acc(summary.federated),
+        zero_shot=_acc(base.zero_shot),
+        centralized=_acc(base.centralized),
+        zero_shot_val=_acc(base.zero_shot, val=True),
+        centralized_val=_acc(base.centralized, val=True),
         baseline_source=source if baselines is not None else path,
         curve=curve,
-        bytes_up_per_round=summary.get("bytes_up_per_round"),
-        bytes_down_per_round=summary.get("bytes_down_per_round"),
+        bytes_up_per_round=summary.bytes_up_per_round,
+        bytes_down_per_round=summary.bytes_down_per_round,
         client_bytes_per_round=max(per_client) if per_client else None,
         clients_per_round=max(
             (len(r.get("clients", ())) for r in rounds), default=int(fed.get("clients", 0))
         ),
-        full_model_bytes=summary.get("full_model_bytes"),
-        geneval=_geneval(summary),
-        wall_time_s=summary.get("wall_time_s"),
+        full_model_bytes=summary.full_model_bytes,
+        geneval=_geneval(summary.federated),
+        wall_time_s=summary.wall_time_s,
         geneval_baselines={
             name: g
-            for name, key in (("zero-shot", "zero_shot"), ("centralized", "centralized"))
-            if (g := _geneval_flat(base.get(key))) is not None
+            for name, row in (("zero-shot", base.zero_shot), ("centralized", base.centralized))
+            if (g := _geneval(row)) is not None
         },
     )
 
@@ -182,7 +171,7 @@ def _sweep_cells(sweep_dir: Path) -> list[RunResult]:
 def _with_baselines(d: Path, base_dir: Path | None, cell: dict) -> RunResult:
     baselines = None
     if base_dir is not None and (base_dir / "summary.json").is_file():
-        baselines = read_json_object(base_dir / "summary.json")
+        baselines = _summary(base_dir / "summary.json")
     return _load_run(
         d,
         baselines=baselines,

@@ -16,11 +16,12 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from fedumm.config import Config, dump_config, format_validation_error, load_config, read_yaml_mapping
-from fedumm.errors import ConfigError, FedummError
+from fedumm.errors import ConfigError, DataError, FedummError
 from fedumm.experiment import resume_experiment, run_experiment
 from fedumm.fl.strategies import make_strategy
 from fedumm.io import atomic_write_json, read_json_object
 from fedumm.progress import NullProgress, Progress
+from fedumm.summary import RunSummary, SettingResult
 
 __all__ = [
     "Sweep",
@@ -126,9 +127,9 @@ class CellResult:
     dir: Path
     status: str
     skipped: bool
-    summary: dict
-    zero_shot: dict | None
-    centralized: dict | None
+    summary: RunSummary
+    zero_shot: SettingResult | None
+    centralized: SettingResult | None
 
 
 # ---------------------------------------------------------------------------------------------- loading
@@ -378,12 +379,16 @@ def _state(sweep: Sweep, cell: Cell, d: Path) -> str:
                 f"{sweep.path}: cell {cell.name}: {d} holds a run with another config; "
                 "restore the sweep file or move that directory away"
             )
-    if (
-        summary_path.is_file()
-        and read_json_object(summary_path, error=ConfigError).get("status") == "finished"
-    ):
+    if summary_path.is_file() and _read_summary(summary_path).finished:
         return "finished"
     return "resume"
+
+
+def _read_summary(path: Path) -> RunSummary:
+    try:
+        return RunSummary.from_json(read_json_object(path, error=ConfigError), source=str(path))
+    except DataError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def read_index(sweep_dir: str | Path) -> dict:
@@ -451,19 +456,19 @@ def run_sweep(sweep: Sweep, out_dir: str | Path, *, progress: Progress | None = 
     status = {c.name: ("finished" if states[c.name] == "finished" else "pending") for c in cells}
     wall_of: dict[str, float] = {}
     wall_by_kind: dict[str, list[float]] = {}
-    summaries: dict[str, dict] = {}
+    summaries: dict[str, RunSummary] = {}
 
-    def record(cell: Cell, summary: dict) -> None:
+    def record(cell: Cell, summary: RunSummary) -> None:
         summaries[cell.name] = summary
-        status[cell.name] = summary.get("status") or "failed"
-        w = summary.get("wall_time_s")
+        status[cell.name] = summary.status or "failed"
+        w = summary.wall_time_s
         if status[cell.name] == "finished" and isinstance(w, int | float) and math.isfinite(w):
             wall_of[cell.name] = float(w)
             wall_by_kind.setdefault(cell.kind, []).append(float(w))
 
     for cell in cells:
         if states[cell.name] == "finished":
-            record(cell, read_json_object(out / cell.name / "summary.json", error=ConfigError))
+            record(cell, _read_summary(out / cell.name / "summary.json"))
     _write_index(sweep, out, cells, status, wall_of)
 
     n = len(cells)
@@ -482,13 +487,11 @@ def run_sweep(sweep: Sweep, out_dir: str | Path, *, progress: Progress | None = 
             else:
                 summary = run_experiment(cell.config, d, progress=progress)
         except BaseException as exc:
-            saved = (
-                read_json_object(d / "summary.json", error=ConfigError)
-                if (d / "summary.json").is_file()
-                else {}
-            )
+            saved = _read_summary(d / "summary.json") if (d / "summary.json").is_file() else None
             interrupted = isinstance(exc, KeyboardInterrupt)
-            status[cell.name] = saved.get("status") or ("interrupted" if interrupted else "failed")
+            status[cell.name] = (saved.status if saved else "") or (
+                "interrupted" if interrupted else "failed"
+            )
             if status[cell.name] in ("running", "finished"):
                 status[cell.name] = "failed"
             _write_index(sweep, out, cells, status, wall_of)
@@ -501,7 +504,7 @@ def run_sweep(sweep: Sweep, out_dir: str | Path, *, progress: Progress | None = 
     results = []
     for cell in cells:
         summary = summaries[cell.name]
-        source = summaries.get(cell.baseline_cell or cell.name, {})
+        source = summaries.get(cell.baseline_cell or cell.name)
         results.append(
             CellResult(
                 cell=cell,
@@ -509,8 +512,8 @@ def run_sweep(sweep: Sweep, out_dir: str | Path, *, progress: Progress | None = 
                 status=status[cell.name],
                 skipped=states[cell.name] == "finished",
                 summary=summary,
-                zero_shot=source.get("zero_shot"),
-                centralized=source.get("centralized"),
+                zero_shot=source.zero_shot if source else None,
+                centralized=source.centralized if source else None,
             )
         )
     return results

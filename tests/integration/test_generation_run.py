@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from fedumm.config import load_config
 from fedumm.data.partition import load_partition
 from fedumm.experiment import run_experiment
-from fedumm.models.janus import JanusFamily
+from fedumm.models.janus.family import JanusFamily
 
 pytestmark = pytest.mark.integration
 
@@ -68,9 +68,9 @@ def test_rounds_report_vqa_and_geneval_and_per_task_client_metrics(hetero_run):
         assert "val_caption_loss" in clients["site-02"] and "val_vqa_accuracy" not in clients["site-02"]
         assert {"val_vqa_accuracy", "val_caption_loss"} <= set(clients["site-03"])
     for key in ("zero_shot", "centralized", "federated"):
-        assert 0.0 <= summary[key]["geneval_overall"] <= 100.0
-        assert 0.0 <= summary[key]["vqa_accuracy"] <= 100.0
-    assert summary["federated"]["geneval_overall"] == rounds[-1]["global"]["geneval_overall"]
+        assert 0.0 <= summary.setting(key).geneval_overall <= 100.0
+        assert 0.0 <= summary.setting(key).vqa_accuracy <= 100.0
+    assert summary.federated.geneval_overall == rounds[-1]["global"]["geneval_overall"]
     for name in ("zero-shot", "centralized", "round-0001", "round-0002"):
         assert (out / "geneval" / f"{name}.png").stat().st_size > 1000
     assert (out / "geneval_per_round.png").is_file()
@@ -79,7 +79,7 @@ def test_rounds_report_vqa_and_geneval_and_per_task_client_metrics(hetero_run):
 def test_in_domain_generation_loss_on_held_out_captions(hetero_run):
     out, summary = hetero_run
     rounds = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    losses = {key: summary[key]["image_token_loss"] for key in ("zero_shot", "centralized", "federated")}
+    losses = {key: summary.setting(key).generation_loss for key in ("zero_shot", "centralized", "federated")}
     assert all(0.0 < v < 20.0 for v in losses.values())
     # training on captions must lower the loss on the test split's captions (same distribution)
     assert losses["centralized"] < losses["zero_shot"] and losses["federated"] < losses["zero_shot"]
@@ -88,20 +88,20 @@ def test_in_domain_generation_loss_on_held_out_captions(hetero_run):
 
 
 def test_zero_shot_is_the_pretrained_model_without_alignment_tokens(hetero_run, tiny_world, tiny_checkpoint):
-    from fedumm.client.train import evaluate_captions
     from fedumm.data.captions import load_captions
+    from fedumm.eval.tasks import evaluate_captions
 
     _, summary = hetero_run
     bare = JanusFamily.from_pretrained(tiny_checkpoint)  # no adapter, no alignment tokens
     expected = evaluate_captions(bare, load_captions(tiny_world, "test"), batch_size=32)
-    assert summary["zero_shot"]["image_token_loss"] == pytest.approx(expected, abs=1e-4)
+    assert summary.zero_shot.generation_loss == pytest.approx(expected, abs=1e-4)
 
 
 def test_vqa_only_data_has_no_generation_loss(tiny_world, tmp_path):
     import shutil
 
+    from fedumm.client.site import load_data
     from fedumm.config import Config
-    from fedumm.experiment import load_data
 
     world = tmp_path / "world"
     shutil.copytree(tiny_world, world)
@@ -114,9 +114,9 @@ def test_vqa_only_data_has_no_generation_loss(tiny_world, tmp_path):
 def test_the_global_adapter_carries_all_groups_and_the_alignment_tokens(hetero_run, tiny_checkpoint):
     out, _ = hetero_run
     state = load_file(out / "global_adapter" / "adapter_model.safetensors")
-    groups = {JanusFamily.group_of(k) for k in state}
+    groups = {JanusFamily.info.group_of(k) for k in state}
     assert groups == {"vision", "language", "generation", "alignment"}
-    tokens = [v for k, v in state.items() if JanusFamily.group_of(k) == "alignment"]
+    tokens = [v for k, v in state.items() if JanusFamily.info.group_of(k) == "alignment"]
     assert any(float(t.abs().sum()) > 0 for t in tokens)  # trained (peft starts the delta at zero)
     assert all(torch.isfinite(v).all() for v in state.values())
 

@@ -58,19 +58,19 @@ def test_run_directory_contents(finished_run):
         "global_adapter/adapter_config.json",
     ):
         assert (out / name).is_file(), name
-    assert summary["status"] == "finished"
+    assert summary.status == "finished"
     for key in ("zero_shot", "centralized", "federated"):
-        assert 0 <= summary[key]["vqa_accuracy"] <= 100
+        assert 0 <= summary.setting(key).vqa_accuracy <= 100
     rounds = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rounds] == [1, 2]
     assert set(rounds[0]["client_metrics"]) == {"site-01", "site-02"}
-    assert json.loads((out / "summary.json").read_text()) == summary
+    assert json.loads((out / "summary.json").read_text()) == summary.to_json()
 
 
 def test_ledger_counts_real_payloads(finished_run):
     _, out, summary = finished_run
     rounds = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    adapter = summary["adapter_payload_bytes"]
+    adapter = summary.adapter_payload_bytes
     for r in rounds:
         for cid in r["clients"]:
             # down: the adapter payload plus a round tag in the header; up: plus id, counts, metrics
@@ -78,8 +78,8 @@ def test_ledger_counts_real_payloads(finished_run):
             assert adapter < r["bytes_up"][cid] < adapter + 1024
         assert r["bytes_up_total"] == sum(r["bytes_up"].values())
     # 4 layers x q,k,v,o x rank 4 x (128 + 128) = 16384 fp32 params = 65536 bytes of tensor data
-    assert summary["adapter_params"] == 16384
-    assert summary["full_model_bytes"] > 20 * adapter
+    assert summary.adapter_params == 16384
+    assert summary.full_model_bytes > 20 * adapter
 
 
 def test_global_adapter_loads_with_peft_and_matches_checkpoint(finished_run, tiny_checkpoint):
@@ -108,7 +108,7 @@ def test_golden_numbers(finished_run):
     assert losses == pytest.approx(GOLDEN["train_losses"], rel=1e-4)
     assert [r["client_metrics"]["site-01"]["num_examples"] for r in rounds] == [74, 74]
     # the randomly initialised backbone cannot answer yet: 0 is the honest accuracy of both
-    assert summary["zero_shot"]["vqa_accuracy"] == GOLDEN["zero_shot"]
+    assert summary.zero_shot.vqa_accuracy == GOLDEN["zero_shot"]
 
 
 # from a run on a 2-core x86_64 CPU, torch 2.13.0+cpu (seed 0, tests/conftest.py fixtures)
@@ -129,7 +129,7 @@ def test_interrupted_then_resumed_is_bit_identical(finished_run, tmp_path):
     assert partial["status"] == "interrupted" and partial["rounds_completed"] == 1
     assert (out / "checkpoint" / "round-0001.safetensors").is_file()
     summary = resume_experiment(out)
-    assert summary["status"] == "finished"
+    assert summary.status == "finished"
     a = load_file(str(out / "checkpoint" / "round-0002.safetensors"))
     b = load_file(str(ref_out / "checkpoint" / "round-0002.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in b)
@@ -159,9 +159,9 @@ def test_int8_compression_shrinks_uploads(finished_run, tmp_path):
     tree["federation"].update({"rounds": 1, "compression": "int8"})
     tree["baselines"] = {"zero_shot": False, "centralized": False}
     summary = run_experiment(load_config(None, tree=tree), tmp_path / "int8")
-    assert summary["zero_shot"] is None and summary["centralized"] is None
+    assert summary.zero_shot is None and summary.centralized is None
     r = json.loads((tmp_path / "int8" / "metrics.jsonl").read_text().splitlines()[0])
-    adapter = summary["adapter_payload_bytes"]
+    adapter = summary.adapter_payload_bytes
     for cid in r["clients"]:
         # int8 values are a quarter of fp32; per-tensor scales and their header entries add ~10%
         assert r["bytes_up"][cid] < 0.4 * adapter

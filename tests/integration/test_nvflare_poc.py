@@ -122,7 +122,7 @@ def test_poc_matches_inprocess(tiny_config_tree, tmp_path, one_thread):
     cfg = load_config(None, tree=_tree(tiny_config_tree, "nvflare-poc"))
     before = set(Path(os.environ.get("TMPDIR", "/tmp")).glob("fedumm-poc-*"))
     summary = run_experiment(cfg, poc_dir)
-    assert summary["status"] == "finished"
+    assert summary.status == "finished"
     for rnd in range(1, cfg.federation.rounds + 1):
         ref = read_safetensors(ref_dir / "checkpoint" / f"round-{rnd:04d}.safetensors")
         got = read_safetensors(poc_dir / "checkpoint" / f"round-{rnd:04d}.safetensors")
@@ -156,7 +156,7 @@ def test_poc_killed_client_is_dropped(tiny_config_tree, tmp_path, one_thread):
     _kill_after_round_1(out, "site-03", killed)
     summary = run_experiment(cfg, out)
     assert killed, "the site-03 trainer was not found"
-    assert summary["status"] == "finished"
+    assert summary.status == "finished"
     r1, *later = _rounds(out)
     assert r1["clients"] == ["site-01", "site-02", "site-03"] and r1["dropped"] == []
     assert later[-1]["clients"] == ["site-01", "site-02"] and later[-1]["dropped"] == ["site-03"]

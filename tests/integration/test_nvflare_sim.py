@@ -66,7 +66,7 @@ def test_sim_matches_inprocess(tiny_config_tree, tmp_path, one_thread):
     run_experiment(load_config(None, tree=_tree(tiny_config_tree, "inprocess")), ref_dir)
     cfg = load_config(None, tree=_tree(tiny_config_tree, "nvflare-sim"))
     summary = run_experiment(cfg, sim_dir)
-    assert summary["status"] == "finished"
+    assert summary.status == "finished"
     assert leftover_flare_processes() == []
 
     # the same global adapter after every round
@@ -114,7 +114,7 @@ def test_sim_matches_inprocess(tiny_config_tree, tmp_path, one_thread):
 
     # the final adapter saved by the experiment is the last round's
     assert (sim_dir / "global_adapter").is_dir()
-    assert summary["bytes_up_per_round"] == max(r["bytes_up_total"] for r in sim_rounds)
+    assert summary.bytes_up_per_round == max(r["bytes_up_total"] for r in sim_rounds)
 
 
 def test_sim_matches_inprocess_with_generation_clients(tiny_config_tree, tmp_path, one_thread):
@@ -125,7 +125,7 @@ def test_sim_matches_inprocess_with_generation_clients(tiny_config_tree, tmp_pat
     ref_dir, sim_dir = tmp_path / "inprocess", tmp_path / "sim"
     run_experiment(load_config(None, tree=_tree(base, "inprocess")), ref_dir)
     summary = run_experiment(load_config(None, tree=_tree(base, "nvflare-sim")), sim_dir)
-    assert summary["status"] == "finished"
+    assert summary.status == "finished"
     assert leftover_flare_processes() == []
     for rnd in (1, 2):
         name = f"round-{rnd:04d}.safetensors"

@@ -9,9 +9,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fedumm.models.janus import BUILTIN_PATH, JanusFamily
-from fedumm.models.janus_tiny import ALIGNMENT_TOKENS
-from fedumm.pretrain import PretrainSpec, pretrain
+from fedumm.models.janus.family import BUILTIN_PATH, JanusFamily
+from fedumm.models.janus.pretrain import PretrainSpec, pretrain
+from fedumm.models.janus.tiny import ALIGNMENT_TOKENS
 
 pytestmark = pytest.mark.integration
 
@@ -27,7 +27,7 @@ def test_pretrain_trains_the_vq_tokenizer_then_understanding_and_generation(tiny
         max_eval_questions=16,
         max_eval_images=8,
     )
-    report = pretrain(tiny_world, tmp_path / "ckpt", spec=spec)
+    report = pretrain(tiny_world, tmp_path / "ckpt", make_family=JanusFamily, spec=spec)
     assert report["vq"]["steps"] == 3
     assert math.isfinite(report["final_t2i_loss"]) and math.isfinite(report["final_loss"])
     assert report["vq_round_trip"]["psnr_db"] > 0
@@ -63,8 +63,8 @@ def test_pretrain_refuses_a_synthetic_world_of_an_older_format(tmp_path):
     doc["format_version"] = synth.FORMAT_VERSION - 1
     (world / "world.json").write_text(json.dumps(doc))
     with pytest.raises(DataError, match=r"world\.json: synthetic world of format 1.*fedumm data synth"):
-        pretrain(world, tmp_path / "ckpt")
+        JanusFamily.pretrain(world, tmp_path / "ckpt")
     assert not (tmp_path / "ckpt").exists()
     (world / "world.json").write_text("[]")
     with pytest.raises(DataError, match="top level must be a JSON object"):
-        pretrain(world, tmp_path / "ckpt")
+        JanusFamily.pretrain(world, tmp_path / "ckpt")

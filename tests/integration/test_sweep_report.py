@@ -13,6 +13,7 @@ import fedumm.sweep as sweep_mod
 from fedumm.errors import ConfigError, DataError
 from fedumm.progress import NullProgress
 from fedumm.report import collect, write_report
+from fedumm.summary import RunSummary
 from fedumm.sweep import expand, load_sweep, run_sweep
 
 pytestmark = pytest.mark.integration
@@ -193,12 +194,12 @@ def test_sweep_runs_baselines_once_and_records_cells(swept):
         ("K2-a1.0-s0", "federated", "baselines-s0", "finished"),
     ]
     assert index["cells"][1]["settings"] == {"federation.clients": 2, "federation.alpha": 0.5}
-    base = json.loads((swept["out"] / "baselines-s0" / "summary.json").read_text())
+    base = RunSummary.from_json(json.loads((swept["out"] / "baselines-s0" / "summary.json").read_text()))
     for r in swept["results"]:
-        assert r.status == "finished" and r.summary["status"] == "finished"
-        assert r.zero_shot == base["zero_shot"] and r.centralized == base["centralized"]
+        assert r.status == "finished" and r.summary.status == "finished"
+        assert r.zero_shot == base.zero_shot and r.centralized == base.centralized
         if r.cell.kind == "federated":
-            assert r.summary["zero_shot"] is None and r.summary["centralized"] is None
+            assert r.summary.zero_shot is None and r.summary.centralized is None
     assert any("ETA" in d for d in swept["progress"].descriptions)
 
 

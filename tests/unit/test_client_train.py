@@ -8,7 +8,7 @@ import torch
 from fedumm.client.train import ClientData, TrainSpec, num_steps, run_client_round, train_local
 from fedumm.data.vqa import load_split
 from fedumm.models.base import LoraSpec
-from fedumm.models.janus import JanusFamily
+from fedumm.models.janus.family import JanusFamily
 from fedumm.models.lora_state import get_adapter_state, set_adapter_state_
 
 

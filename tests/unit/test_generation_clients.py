@@ -5,12 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fedumm.client.train import ClientData, TrainSpec, evaluate_captions, run_client_round, train_local
+from fedumm.client.train import ClientData, TrainSpec, run_client_round, train_local
 from fedumm.data.captions import caption_class, captions_by_image, load_captions
 from fedumm.data.vqa import load_split
 from fedumm.errors import ConfigError, DataError
-from fedumm.models.base import LoraSpec
-from fedumm.models.janus import JanusFamily
+from fedumm.eval.tasks import evaluate_captions
+from fedumm.models.base import FamilyOptions, LoraSpec
+from fedumm.models.janus.family import JanusFamily
 from fedumm.models.lora_state import get_adapter_state, set_adapter_state_
 
 GROUPS = ("vision", "language", "generation")
@@ -18,7 +19,7 @@ GROUPS = ("vision", "language", "generation")
 
 @pytest.fixture(scope="module")
 def family(tiny_checkpoint):
-    fam = JanusFamily.from_pretrained(tiny_checkpoint, alignment_tokens=2)
+    fam = JanusFamily.from_pretrained(tiny_checkpoint, options=FamilyOptions(alignment_tokens=2))
     fam.attach_lora(LoraSpec(rank=4, alpha=8, groups=GROUPS), seed=0)
     return fam
 
@@ -135,7 +136,7 @@ def test_pretrained_prompts_drop_the_alignment_tokens_for_the_block_only(family)
 
 def test_alignment_tokens_beyond_the_reserved_ones_are_a_config_error(tiny_checkpoint):
     with pytest.raises(ConfigError, match="alignment_tokens=9"):
-        JanusFamily.from_pretrained(tiny_checkpoint, alignment_tokens=9)
+        JanusFamily.from_pretrained(tiny_checkpoint, options=FamilyOptions(alignment_tokens=9))
 
 
 def test_generate_is_seeded(family):

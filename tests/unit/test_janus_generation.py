@@ -8,10 +8,10 @@ from transformers import JanusForConditionalGeneration
 
 from fedumm.data import render
 from fedumm.errors import ConfigError
-from fedumm.models import janus_generation as G
 from fedumm.models.base import LoraSpec
-from fedumm.models.janus import JanusFamily
-from fedumm.models.janus_tiny import build_processor, build_tiny_janus, build_tokenizer
+from fedumm.models.janus import generation as G
+from fedumm.models.janus.family import JanusFamily
+from fedumm.models.janus.tiny import build_processor, build_tiny_janus, build_tokenizer
 
 WORDS = ["a", "small", "large", "red", "blue", "green", "circle", "square", "triangle", "and", ",", "."]
 CAPTIONS = [

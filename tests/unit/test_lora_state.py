@@ -6,8 +6,8 @@ from peft import PeftModel
 
 from fedumm.errors import AdapterStateError, ConfigError
 from fedumm.models.base import LoraSpec
-from fedumm.models.janus import JanusFamily
-from fedumm.models.janus_tiny import build_processor, build_tiny_janus, build_tokenizer
+from fedumm.models.janus.family import JanusFamily
+from fedumm.models.janus.tiny import build_processor, build_tiny_janus, build_tokenizer
 from fedumm.models.lora_state import get_adapter_state, set_adapter_state_
 
 WORDS = ["what", "color", "is", "the", "circle", "?", "red", "question", ":", "answer"]
@@ -67,12 +67,12 @@ def test_same_seed_same_initial_adapter_and_towers():
     b = get_adapter_state(family(seed=3).model)
     assert all(torch.equal(a[k], b[k]) for k in a)
     both = get_adapter_state(family(groups=("vision", "language", "generation")).model)
-    groups = {JanusFamily.group_of(k) for k in both}
+    groups = {JanusFamily.info.group_of(k) for k in both}
     assert groups == {"vision", "language", "generation"}
 
 
 def test_unknown_tower_is_config_error():
-    with pytest.raises(ConfigError, match="unknown tower"):
+    with pytest.raises(ConfigError, match="family 'janus' has no tower 'audio'; its towers: vision"):
         family(groups=("audio",))
 
 

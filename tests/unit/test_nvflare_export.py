@@ -103,7 +103,7 @@ def test_exported_in_process_trainer_is_found_by_name(tmp_path):
 
 def test_export_builds_the_initial_adapter_from_the_config(tmp_path, tiny_checkpoint):
     """Without an initial state the exporter loads the backbone once to build the initial adapter."""
-    from fedumm.experiment import build_family
+    from fedumm.client.site import build_family
     from fedumm.io import read_safetensors
     from fedumm.models.lora_state import get_adapter_state
 
@@ -137,10 +137,18 @@ def test_site_overrides(tmp_path):
 
 
 def test_server_side_never_imports_model_code():
+    # the server loads the config (which validates family, towers and groups) and maps adapter keys
+    # to groups, all from the families' registrations: no model library, no family's model module
     code = (
         "import sys, fedumm.engines.nvflare.controller, fedumm.engines.nvflare.results\n"
-        "print(sorted(m for m in ('transformers', 'peft', 'fedumm.models.janus', 'fedumm.experiment')"
-        " if m in sys.modules))"
+        "from fedumm.config import load_config\n"
+        "from fedumm.engines.nvflare.job import group_map\n"
+        "for fam in ('janus', 'blip3o'):\n"
+        "    cfg = load_config(None, ['model.family=' + fam], tree={'data': {'path': 'x'}})\n"
+        "    assert group_map(cfg, ['a.lora_A.weight']) == {'a.lora_A.weight': 'other'}\n"
+        "heavy = ('transformers', 'peft', 'diffusers', 'fedumm.models.janus.family',"
+        " 'fedumm.models.blip3o.family', 'fedumm.experiment', 'fedumm.client.site')\n"
+        "print(sorted(m for m in heavy if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

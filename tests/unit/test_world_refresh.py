@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 import logging
 
+from fedumm.client.site import load_data
 from fedumm.config import Config
 from fedumm.data import synth
-from fedumm.experiment import load_data
 
 
 def _cfg(path, private: int, seed: int = 0, synthesize: bool = True) -> Config:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from fedumm.errors import ConfigError
-from fedumm.eval.vqa import accuracy_from_answers
+from fedumm.eval.tasks import evaluate_captions, evaluate_vqa
 from fedumm.models.lora_state import adapter_param_map, get_adapter_state, set_adapter_state_
 from fedumm.seeding import derive_seed
 from fedumm.types import AdapterState, ClientUpdate
@@ -21,8 +21,6 @@ __all__ = [
     "ClientData",
     "TrainSpec",
     "TrainResult",
-    "evaluate_captions",
-    "evaluate_vqa",
     "run_client_round",
     "split_local_val",
     "train_local",
@@ -65,11 +63,9 @@ class ClientData:
     def num_examples(self) -> int:
         return len(self.train) + len(self.gen_train)
 
-    def group_examples(self) -> dict[str, int]:
-        """Examples that trained each adapter group (per-modality aggregation weights)."""
-        n_u, n_g = len(self.train), len(self.gen_train)
-        both = n_u + n_g
-        return {"vision": n_u, "generation": n_g, "language": both, "alignment": both, "other": both}
+    def task_examples(self) -> dict[str, int]:
+        """Training examples per task (the family turns them into per-group weights)."""
+        return {"understanding": len(self.train), "generation": len(self.gen_train)}
 
 
 def num_steps(n: int, spec: TrainSpec, n_gen: int = 0) -> int:
@@ -169,44 +165,6 @@ def train_local(
     )
 
 
-@torch.no_grad()
-def evaluate_captions(family, samples: Sequence, *, batch_size: int = 64, seed: int = 0) -> float:
-    """Mean image-token cross-entropy of the current model on caption examples (no caption dropout)."""
-    if not samples:
-        raise ConfigError("evaluate_captions: no evaluation samples")
-    gen = torch.Generator().manual_seed(seed)
-    total, count = 0.0, 0
-    net = family.model if family.model is not None else family.base
-    was_training = net.training
-    net.eval()
-    try:
-        for i in range(0, len(samples), batch_size):
-            chunk = samples[i : i + batch_size]
-            batch = family.caption_batch(chunk, generator=gen, cfg_drop_prob=0.0)
-            total += float(family.caption_loss(batch)) * len(chunk)
-            count += len(chunk)
-    finally:
-        net.train(was_training)
-    return total / count
-
-
-def evaluate_vqa(
-    family, samples: Sequence, *, batch_size: int = 64, progress: Progress | None = None
-) -> float:
-    """Official VQA accuracy (percent, 2 decimals) of the current model on ``samples``."""
-    if not samples:
-        raise ConfigError("evaluate_vqa: no evaluation samples")
-    preds: dict[int, str] = {}
-    total = math.ceil(len(samples) / batch_size)
-    for b, i in enumerate(range(0, len(samples), batch_size)):
-        chunk = samples[i : i + batch_size]
-        for s, a in zip(chunk, family.vqa_answer(chunk), strict=True):
-            preds[s.question_id] = a
-        if progress:
-            progress(b + 1, total)
-    return accuracy_from_answers(preds, samples)
-
-
 def split_local_val(samples: Sequence, fraction: float, seed: int) -> tuple[list, list]:
     """Hold out a seeded fraction of a client's examples as its local validation set (at least 1)."""
     if fraction <= 0 or len(samples) < 2:
@@ -281,7 +239,7 @@ def run_client_round(
         state=get_adapter_state(family.model),
         num_examples=data.num_examples,
         metrics=metrics,
-        group_examples=data.group_examples(),
+        group_examples=family.info.group_examples(data.task_examples()),
     )
 
 

@@ -48,6 +48,7 @@ __all__ = [
     "synthesize",
     "tokenize",
     "world_mismatch",
+    "require_current_world",
 ]
 
 logger = logging.getLogger(__name__)
@@ -563,3 +564,14 @@ def world_mismatch(root: Path, *, seed: int | None = None, images: Mapping[str, 
     if any(have.get(name) != n for name, n in want.items()):
         return f"images per split {have}, the config asks for {want}"
     return ""
+
+
+def require_current_world(data_dir: Path) -> None:
+    """A synthetic world (one with a ``world.json``) must have the current format version (pretraining)."""
+    from fedumm.errors import DataError
+
+    if why := world_mismatch(data_dir):
+        raise DataError(
+            f"{Path(data_dir) / 'world.json'}: synthetic world of {why}; "
+            f"render it again with `fedumm data synth --out {data_dir}`"
+        )

@@ -12,14 +12,16 @@ from dataclasses import replace
 
 import torch
 
-from fedumm.client.train import ClientData, TrainSpec, num_steps, run_client_round
+from fedumm.client.site import Site
+from fedumm.client.train import num_steps, run_client_round
+from fedumm.engines.base import ENGINES, FederationSetup
 from fedumm.fl.compress import apply_delta, decode, delta_of, encode
 from fedumm.progress import NullProgress, Progress
-from fedumm.server.rounds import RoundOutcome
+from fedumm.server.rounds import RoundLoop, RoundOutcome
 from fedumm.types import AdapterState
 from fedumm.wire import pack_state, pack_update, unpack_state, unpack_update
 
-__all__ = ["InProcessEngine"]
+__all__ = ["InProcessEngine", "run_inprocess"]
 
 
 class InProcessEngine:
@@ -28,9 +30,7 @@ class InProcessEngine:
     def __init__(
         self,
         *,
-        family,
-        client_data: Mapping[str, ClientData],
-        spec: TrainSpec,
+        sites: Mapping[str, Site],
         seed: int,
         progress: Progress | None = None,
         proximal_mu: float = 0.0,
@@ -43,9 +43,7 @@ class InProcessEngine:
         self.residuals: dict[str, dict[str, torch.Tensor]] = {}  # client-side error-feedback memory
         self.proximal_mu = proximal_mu
         self.frozen_suffixes = tuple(frozen_suffixes)
-        self.family = family
-        self.client_data = client_data
-        self.spec = spec
+        self.sites = sites
         self.seed = seed
         self.progress = progress or NullProgress()
 
@@ -56,15 +54,15 @@ class InProcessEngine:
         for i, cid in enumerate(clients):
             received, _ = unpack_state(down, sender="server")
             down_bytes[cid] = len(down)
-            data = self.client_data[cid]
-            steps = num_steps(len(data.train), self.spec, len(data.gen_train))
+            site = self.sites[cid]
+            steps = num_steps(len(site.data.train), site.spec, len(site.data.gen_train))
             self.progress.start("steps", f"{cid} local steps", steps)
             update = run_client_round(
-                self.family,
+                site.family,
                 client_id=cid,
                 global_state=received,
-                data=data,
-                spec=self.spec,
+                data=site.data,
+                spec=site.spec,
                 base_seed=self.seed,
                 rnd=rnd,
                 progress=lambda done, total: self.progress.update("steps", done),
@@ -100,3 +98,38 @@ class InProcessEngine:
         for flat, t in state.items():
             cid, _, key = flat.partition("/")
             self.residuals.setdefault(cid, {})[key] = t.clone()
+
+
+@ENGINES.register("inprocess")
+def run_inprocess(setup: FederationSetup) -> AdapterState:
+    """Every site in this process, on the one backbone they share (the default engine)."""
+    fed = setup.cfg.federation
+    engine = InProcessEngine(
+        sites=setup.sites,
+        seed=setup.cfg.seed,
+        progress=setup.progress,
+        proximal_mu=setup.strategy.proximal_mu,
+        frozen_suffixes=setup.strategy.frozen_suffixes,
+        codec=fed.compression,
+        error_feedback=fed.error_feedback,
+    )
+    engine.load_state_dict(setup.client_state)
+    on_round = setup.on_round
+
+    def record(rec, state) -> None:
+        if on_round is not None:
+            on_round(rec, state, engine.state_dict())
+
+    loop = RoundLoop(
+        engine=engine,
+        strategy=setup.strategy,
+        clients=list(setup.sites),
+        num_rounds=fed.rounds,
+        seed=setup.cfg.seed,
+        sample_fraction=fed.sample_fraction,
+        min_clients=fed.min_clients,
+        group_of=setup.group_of,
+        evaluate=setup.evaluate,
+        on_round=record,
+    )
+    return loop.run(setup.start_state, start_round=setup.start_round)

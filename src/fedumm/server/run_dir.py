@@ -10,8 +10,9 @@ from pathlib import Path
 
 import torch
 
-from fedumm.errors import CheckpointError, ConfigError
+from fedumm.errors import CheckpointError, ConfigError, DataError
 from fedumm.io import atomic_save_safetensors, atomic_write_json, atomic_write_text, read_safetensors
+from fedumm.summary import RunSummary
 from fedumm.types import AdapterState, RoundRecord
 
 __all__ = ["RunDir"]
@@ -97,27 +98,32 @@ class RunDir:
         raise CheckpointError("no readable checkpoint: " + "; ".join(errors))
 
     # ---- final ----
-    def save_peft_adapter(self, peft_model, name: str = "global_adapter") -> Path:
-        """Save the loaded adapter in peft's layout (PeftModel.from_pretrained reads it)."""
+    def save_peft_adapter(self, family, name: str = "global_adapter") -> Path:
+        """Save the family's loaded adapter in peft's layout (PeftModel.from_pretrained reads it)."""
         final = self.path / name
         tmp = self.path / f".{name}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        peft_model.save_pretrained(tmp)
+        family.save_adapter(tmp)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         return final
 
-    def write_summary(self, summary: Mapping) -> Path:
-        return atomic_write_json(self.path / "summary.json", dict(summary))
+    def write_summary(self, summary: RunSummary) -> Path:
+        return atomic_write_json(self.path / "summary.json", summary.to_json())
 
-    def read_summary(self) -> dict:
+    def read_summary(self) -> RunSummary | None:
+        """summary.json, or None when there is none yet."""
         path = self.path / "summary.json"
         if not path.is_file():
-            return {}
+            return None
         try:
-            return json.loads(path.read_text(encoding="utf-8"))
+            obj = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as exc:
             raise CheckpointError(f"{path}: not valid JSON ({exc})") from None
+        try:
+            return RunSummary.from_json(obj, source=str(path))
+        except DataError as exc:
+            raise CheckpointError(str(exc)) from None
 
     def truncate_rounds(self, last_round: int) -> None:
         """Keep metrics.jsonl lines of rounds <= last_round (drops rounds whose checkpoint is unusable)."""

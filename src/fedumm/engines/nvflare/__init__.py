@@ -10,6 +10,9 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from fedumm.engines.base import ENGINES, FederationSetup
+from fedumm.errors import ConfigError
+
 if TYPE_CHECKING:
     import torch
 
@@ -19,7 +22,7 @@ if TYPE_CHECKING:
     from fedumm.server.run_dir import RunDir
     from fedumm.types import AdapterState, RoundRecord
 
-__all__ = ["run_nvflare", "export_job"]
+__all__ = ["run_nvflare", "export_job", "run_on_flare"]
 
 
 def run_nvflare(
@@ -51,3 +54,33 @@ def export_job(cfg: Config, out_dir: str | Path, *, initial_state: AdapterState 
     from fedumm.engines.nvflare.job import export_job as _export
 
     return _export(cfg, out_dir, initial_state=initial_state)
+
+
+@ENGINES.register("nvflare-sim")
+@ENGINES.register("nvflare-poc")
+def run_on_flare(setup: FederationSetup) -> AdapterState:
+    """The federation as a FLARE job (its simulator, or a local POC); global evaluation stays here.
+
+    The FLARE server never builds the backbone: this process evaluates, per round, the adapters the
+    server wrote. Each FLARE client builds its own site (:func:`fedumm.client.site.build_site`).
+    """
+    cfg = setup.cfg
+    if setup.start_round > 1:
+        raise ConfigError("--resume is supported by the in-process engine only")
+    if cfg.federation.compression != "none":
+        raise ConfigError(f"federation.compression={cfg.federation.compression!r} is in-process only for now")
+    on_round = setup.on_round
+
+    def record(rec, state) -> None:
+        if on_round is not None:
+            on_round(rec, state, {})
+
+    return run_nvflare(
+        cfg,
+        setup.run,
+        initial_state=setup.initial_state,
+        evaluate=setup.evaluate,
+        on_round=record,
+        progress=setup.progress,
+        strategy=setup.strategy,
+    )

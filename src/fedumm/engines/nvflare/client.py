@@ -63,20 +63,6 @@ def load_site_config(config_path: str | Path, environ: os._Environ | dict | None
     return load_config(config_path, site_overrides(environ))
 
 
-def _load_site(cfg: Config, partition: str | None, site: str):
-    """(family, ClientData) of this site."""
-    from fedumm.experiment import build_family, load_client, load_data
-
-    if partition:  # simulation/POC: the run's partition says which examples are this site's
-        return load_client(cfg, partition, site)
-    # production: every example of the site's own training split is its data, for its task mix
-    from fedumm.experiment import local_client_data
-
-    data = load_data(cfg, eval_splits=False)
-    family, _ = build_family(cfg)
-    return family, local_client_data(cfg, site, data.train, data.captions, task=cfg.federation.tasks)
-
-
 def _resolve(path: str, base: Path) -> str:
     p = Path(path)
     return str(p if p.is_absolute() else base / p)
@@ -91,6 +77,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None, *, script_dir: str | Path | None = None) -> None:
     """Client loop: receive the global adapter, train one round, send the update, until the job ends."""
+    from fedumm.client.site import build_site
     from fedumm.engines.nvflare._flare import FLModel, ParamsType, flare_client
     from fedumm.engines.nvflare.controller import ERROR_KEY
 
@@ -102,16 +89,14 @@ def main(argv: Sequence[str] | None = None, *, script_dir: str | Path | None = N
     partition = _resolve(args.partition, base) if args.partition else None
     load_error = None
     try:
-        family, client_data = _load_site(cfg, partition, site)
+        built = build_site(cfg, site, partition_path=partition)
     except Exception as exc:  # reported with every task, so the server log says why this site drops out
         log.exception("%s: cannot load the model or data", site)
         load_error = f"{site} cannot load its model or data: {type(exc).__name__}: {exc}"
 
     from fedumm.client.train import run_client_round
-    from fedumm.experiment import train_spec
     from fedumm.fl.strategies import make_strategy
 
-    spec = train_spec(cfg)
     # the strategy's client-side hooks (FedProx's term, FFA-LoRA's frozen A), as in process
     strategy = make_strategy(
         cfg.federation.strategy,
@@ -133,11 +118,11 @@ def main(argv: Sequence[str] | None = None, *, script_dir: str | Path | None = N
             continue
         try:
             update = run_client_round(
-                family,
+                built.family,
                 client_id=site,
                 global_state=received.params,
-                data=client_data,
-                spec=spec,
+                data=built.data,
+                spec=built.spec,
                 base_seed=cfg.seed,
                 rnd=rnd,
                 proximal_mu=strategy.proximal_mu,

@@ -55,12 +55,11 @@ def job_name(cfg: Config) -> str:
 
 
 def group_map(cfg: Config, keys: Sequence[str]) -> dict[str, str]:
-    """Adapter key -> group, from the model family (computed where the family code may be imported)."""
-    import fedumm.models.janus  # noqa: F401  (registers the family)
-    from fedumm.models.base import MODELS
+    """Adapter key -> group, from the model family's description (no model is loaded)."""
+    from fedumm.models import family_info
 
-    family = MODELS.get(cfg.model.family)
-    return {k: family.group_of(k) for k in sorted(keys)}
+    info = family_info(cfg.model.family)
+    return {k: info.group_of(k) for k in sorted(keys)}
 
 
 def build_job(
@@ -151,7 +150,7 @@ def export_job(cfg: Config, out_dir: str | Path, *, initial_state: AdapterState 
     directory under ``fedumm/`` (``nvflare job download``).
     """
     if initial_state is None:
-        from fedumm.experiment import build_family
+        from fedumm.client.site import build_family
         from fedumm.models.lora_state import get_adapter_state
 
         family, _ = build_family(cfg)

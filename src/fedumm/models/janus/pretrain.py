@@ -5,7 +5,7 @@ Two phases: (1) the VQ image tokenizer learns to reconstruct the public images; 
 language model, each step one VQA batch plus one caption batch, so neither task erases the other.
 
 Reproduce the shipped checkpoint with ``fedumm pretrain`` (defaults below); it writes a HF directory
-(config, model.safetensors, tokenizer, processor) that ``JanusFamily.from_pretrained`` loads exactly
+(config, model.safetensors, tokenizer, processor) that :class:`.family.JanusFamily` loads exactly
 like a real Janus-Pro checkpoint.
 """
 
@@ -15,15 +15,18 @@ import logging
 import math
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from fedumm.client.train import evaluate_vqa
+from fedumm.data.synth import require_current_world
+from fedumm.eval.tasks import evaluate_vqa
 from fedumm.io import atomic_write_json
-from fedumm.models.janus import BUILTIN_PATH, JanusFamily
-from fedumm.models.janus_tiny import build_processor, build_tiny_janus, build_tokenizer
+from fedumm.models.janus.tiny import build_processor, build_tiny_janus, build_tokenizer
+from fedumm.models.schedules import warmup_cosine
 from fedumm.progress import NullProgress, Progress
 
 log = logging.getLogger(__name__)
@@ -59,27 +62,25 @@ class PretrainSpec:
             raise ValueError("PretrainSpec.vq_steps and t2i_weight must be >= 0")
 
 
-def _lr_lambda(step: int, total: int, warmup: int) -> float:
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
 def pretrain(
     data_dir: str | Path,
-    out_dir: str | Path = BUILTIN_PATH,
+    out_dir: str | Path,
     *,
+    make_family: Callable[..., Any],
     spec: PretrainSpec = PretrainSpec(),
     progress: Progress | None = None,
 ) -> dict:
-    """Train a fresh tiny Janus on the ``public`` split and save it; returns a report (also saved as JSON)."""
+    """Train a fresh tiny Janus on the ``public`` split and save it; returns a report (also saved as JSON).
+
+    ``make_family(model=..., processor=...)`` wraps the fresh model in the family class (which calls
+    this function: the argument keeps the family module out of this one's imports).
+    """
     from fedumm.data.synth import VOCABULARY
     from fedumm.data.vqa import load_split
-    from fedumm.models import janus_generation as jg
+    from fedumm.models.janus import generation as jg
 
     progress = progress or NullProgress()
-    _check_world_version(Path(data_dir))
+    require_current_world(Path(data_dir))
     if spec.threads:
         torch.set_num_threads(spec.threads)
     t0 = time.perf_counter()
@@ -91,7 +92,7 @@ def pretrain(
     tokenizer = build_tokenizer(VOCABULARY)
     processor = build_processor(tokenizer)
     model = build_tiny_janus(tokenizer)
-    family = JanusFamily(model=model, processor=processor)
+    family = make_family(model=model, processor=processor)
     family_images = [family.images.get(path) for path, _ in pairs]  # RGB, one DataError per bad file
     report: dict = {"spec": asdict(spec)}
 
@@ -118,7 +119,7 @@ def pretrain(
     opt = torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
     steps_per_epoch = math.ceil(len(train) / spec.batch_size)
     total = spec.epochs * steps_per_epoch
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_lambda(s, total, spec.warmup_steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, total, spec.warmup_steps))
     gen = torch.Generator().manual_seed(spec.seed)
     t2i_gen = torch.Generator().manual_seed(spec.seed + 1)
     progress.start("pretrain", "pretraining steps", total)
@@ -187,18 +188,6 @@ def pretrain(
     tmp.rename(out)
     log.info("saved %s", out)
     return report
-
-
-def _check_world_version(data_dir: Path) -> None:
-    """A synthetic world (one with a ``world.json``) must have the current format version."""
-    from fedumm.data.synth import world_mismatch
-    from fedumm.errors import DataError
-
-    if why := world_mismatch(data_dir):
-        raise DataError(
-            f"{data_dir / 'world.json'}: synthetic world of {why}; "
-            f"render it again with `fedumm data synth --out {data_dir}`"
-        )
 
 
 def _tail(values: list[float], n: int = 50) -> float:

@@ -1,80 +1,47 @@
-"""The Janus family (built-in tiny Janus and real Janus / Janus-Pro checkpoints from a local path).
+"""The Janus family's model class: built-in tiny Janus and real Janus / Janus-Pro checkpoints from a path.
 
-Everything model-specific lives here: loading, LoRA targets per tower, VQA batches, loss, answers.
-A real Janus-Pro checkpoint is a configuration change: point ``model.path`` at its local HF
-directory and set a prompt template matching its chat format.
+Everything Janus-specific lives in this folder: loading, VQA batches, loss, answers, text-to-image
+tokens, sampling, pretraining. A real Janus-Pro checkpoint is a configuration change: point
+``model.path`` at its local HF directory and set a prompt template matching its chat format.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import re
-from collections import OrderedDict
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from peft import PeftModel
 from PIL import Image
 from transformers import GenerationConfig, JanusForConditionalGeneration, JanusProcessor
 
-from fedumm.errors import ConfigError, DataError
-from fedumm.models.base import MODELS, LoraSpec, attach_lora
+from fedumm.errors import ConfigError
+from fedumm.models.base import FamilyOptions, ModelFamily
+from fedumm.models.images import ImageCache
+from fedumm.models.janus import INFO
+
+if TYPE_CHECKING:
+    from peft import PeftModel
 
 log = logging.getLogger(__name__)
 
-__all__ = ["JanusFamily", "TOWER_PREFIXES", "TOWER_MODULES", "BUILTIN_PATH"]
+__all__ = ["JanusFamily", "BUILTIN_PATH"]
 
-BUILTIN_PATH = Path(__file__).resolve().parent.parent / "assets" / "janus-tiny"
-
-# Towers of a Janus model (full module-name prefixes, regex) and the LoRA targets inside each.
-TOWER_PREFIXES: dict[str, str] = {
-    "vision": r"model\.(?:vision_model|aligner)",
-    "language": r"model\.language_model",
-    "generation": r"model\.(?:generation_aligner|generation_head)",
-}
-TOWER_MODULES: dict[str, tuple[str, ...]] = {
-    "vision": ("q_proj", "k_proj", "v_proj", "projection_layer", "fc1", "hidden_layers.0"),
-    "language": ("q_proj", "k_proj", "v_proj", "o_proj"),
-    "generation": ("fc1", "hidden_layers.0", "proj_out", "vision_head"),
-}
+BUILTIN_PATH = Path(__file__).resolve().parents[2] / "assets" / "janus-tiny"
 
 
-class _ImageCache:
-    """Small LRU of decoded RGB images, so an image asked about by several questions is read once."""
-
-    def __init__(self, capacity: int = 20000) -> None:
-        self.capacity = capacity
-        self._items: OrderedDict[Path, Image.Image] = OrderedDict()
-
-    def get(self, path: Path) -> Image.Image:
-        img = self._items.get(path)
-        if img is None:
-            try:
-                with Image.open(path) as f:
-                    img = f.convert("RGB")
-            except (OSError, ValueError) as exc:
-                raise DataError(f"{path}: cannot read image ({exc})") from None
-            self._items[path] = img
-            if len(self._items) > self.capacity:
-                self._items.popitem(last=False)
-        else:
-            self._items.move_to_end(path)
-        return img
-
-
-@MODELS.register("janus")
-class JanusFamily:
+class JanusFamily(ModelFamily):
     """A frozen Janus backbone with one peft LoRA adapter and the task hooks the loop needs."""
+
+    info = INFO
 
     def __init__(
         self,
         *,
         model: JanusForConditionalGeneration,
         processor: JanusProcessor,
-        prompt_template: str = "<image_placeholder> question: {question} answer:",
+        prompt_template: str = INFO.default_prompt_template,
         max_answer_tokens: int = 3,
         device: torch.device | str = "cpu",
         alignment_tokens: int = 0,
@@ -91,12 +58,16 @@ class JanusFamily:
         self.prompt_template = prompt_template
         self.max_answer_tokens = max_answer_tokens
         self.device = torch.device(device)
-        self.images = _ImageCache()
+        self.images = ImageCache()
         self._image_tokens: dict[Path, torch.Tensor] = {}  # frozen VQ codes of training images
         self.alignment: tuple[str, ...] = ()
-        self._use_alignment(alignment_tokens)
+        self.use_alignment(alignment_tokens)
 
-    def _use_alignment(self, n: int) -> None:
+    @property
+    def num_alignment(self) -> int:
+        return len(self.alignment)
+
+    def use_alignment(self, n: int) -> None:
         """Shared alignment tokens sit right after the image (understanding) and right before it
         (generation: the prompt's last tokens before begin-of-image)."""
         image_token = self.tokenizer.image_token
@@ -119,29 +90,20 @@ class JanusFamily:
             )
         return names
 
-    @contextlib.contextmanager
-    def pretrained_prompts(self) -> Iterator[JanusFamily]:
-        """Within the block, prompts carry no alignment tokens: the pretrained model's own format.
-
-        The zero-shot baseline is the pretrained model as shipped, which never saw the (reserved,
-        untrained) alignment tokens; inserting them would handicap it.
-        """
-        n = len(self.alignment)
-        self._use_alignment(0)
-        try:
-            yield self
-        finally:
-            self._use_alignment(n)
-
     def alignment_token_ids(self) -> list[int]:
         return [int(i) for i in self.tokenizer.convert_tokens_to_ids(list(self.alignment))]
 
     # ---- loading ---------------------------------------------------------------------------------
     @classmethod
+    def builtin_path(cls) -> Path:
+        return BUILTIN_PATH
+
+    @classmethod
     def from_pretrained(
-        cls, path: str | Path | None = None, *, device: str = "cpu", **kwargs: Any
+        cls, path: str | Path | None = None, *, options: FamilyOptions | None = None
     ) -> JanusFamily:
         """Load a local HF Janus directory (None: the built-in tiny checkpoint); no downloads."""
+        options = options or FamilyOptions()
         path = Path(path) if path else BUILTIN_PATH
         if not (path / "config.json").is_file():
             hint = (
@@ -150,69 +112,46 @@ class JanusFamily:
             raise ConfigError(f"model.path {str(path)!r} holds no HF checkpoint (config.json missing){hint}")
         model = JanusForConditionalGeneration.from_pretrained(path, local_files_only=True)
         processor = JanusProcessor.from_pretrained(path, local_files_only=True)
-        model.to(device)
+        model.to(options.device)
         model.eval()
-        return cls(model=model, processor=processor, device=device, **kwargs)
-
-    def lora_target(self, spec: LoraSpec) -> str:
-        """Regex (peft fullmatch) for the LoRA target modules inside the chosen towers."""
-        parts = []
-        for g in spec.groups:
-            if g not in TOWER_PREFIXES:
-                raise ConfigError(f"lora.groups: unknown tower {g!r}; known: {', '.join(TOWER_PREFIXES)}")
-            mods = spec.target_modules if spec.target_modules else TOWER_MODULES[g]
-            alt = "|".join(re.escape(m) for m in mods)
-            parts.append(rf"{TOWER_PREFIXES[g]}\.(?:.*\.)?(?:{alt})")
-        return "|".join(f"(?:{p})" for p in parts)
-
-    def attach_lora(self, spec: LoraSpec, *, seed: int) -> PeftModel:
-        """Freeze the backbone and add the LoRA adapter (same initial A on every participant)."""
-        for p in self.base.parameters():
-            p.requires_grad_(False)
-        self.model = attach_lora(
-            self.base,
-            spec=spec,
-            target=self.lora_target(spec),
-            seed=seed,
-            trainable_tokens={"embed_tokens": self.alignment_token_ids()} if self.alignment else None,
+        return cls(
+            model=model,
+            processor=processor,
+            device=options.device,
+            prompt_template=options.prompt_template or INFO.default_prompt_template,
+            max_answer_tokens=options.max_answer_tokens,
+            alignment_tokens=options.alignment_tokens,
         )
-        n = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
-        if n == 0:
-            raise ConfigError(
-                f"LoRA matched no module for groups {spec.groups} and targets {spec.target_modules}"
-            )
-        return self.model
 
-    def load_adapter(self, path: str | Path) -> PeftModel:
-        """Load a saved peft adapter (e.g. a run's ``global_adapter/``), alignment tokens included."""
-        import json as _json
+    @classmethod
+    def write_tiny(cls, out_dir: str | Path, *, seed: int = 0) -> Path:
+        from fedumm.data.synth import VOCABULARY
+        from fedumm.models.janus.tiny import build_processor, build_tiny_janus, build_tokenizer
 
-        path = Path(path)
-        config_file = path / "adapter_config.json"
-        try:
-            config = _json.loads(config_file.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            raise ConfigError(f"{path}: not a peft adapter directory ({exc})") from None
-        tokens = (config.get("trainable_token_indices") or {}).get("embed_tokens") or []
-        self._use_alignment(len(tokens))
-        if self.alignment and self.alignment_token_ids() != list(tokens):
-            raise ConfigError(
-                f"{config_file}: trainable tokens {tokens} are not this model's alignment tokens"
-            )
-        for p in self.base.parameters():
-            p.requires_grad_(False)
-        self.model = PeftModel.from_pretrained(self.base, path, is_trainable=False)
-        return self.model
+        tok = build_tokenizer(VOCABULARY)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = build_tiny_janus(tok)
+        model.save_pretrained(out_dir)
+        build_processor(tok).save_pretrained(out_dir)
+        return Path(out_dir)
 
-    @staticmethod
-    def group_of(key: str) -> str:
-        """Tower of a canonical adapter key (per-modality aggregation); alignment tokens are their own."""
-        if ".trainable_tokens_" in key:
-            return "alignment"
-        for g, prefix in TOWER_PREFIXES.items():
-            if re.search(rf"(?:^|\.){prefix}\.", key):
-                return g
-        return "other"
+    @classmethod
+    def pretrain(
+        cls,
+        data_dir: str | Path,
+        out_dir: str | Path | None = None,
+        *,
+        seed: int = 0,
+        overrides: Mapping[str, Any] | None = None,
+        progress=None,
+    ) -> dict:
+        """Pretrain the tiny Janus on the public split (see :mod:`.pretrain`)."""
+        from fedumm.models.base import spec_from_overrides
+        from fedumm.models.janus.pretrain import PretrainSpec, pretrain
+
+        spec = spec_from_overrides(PretrainSpec, overrides or {}, seed=seed)
+        return pretrain(data_dir, out_dir or BUILTIN_PATH, make_family=cls, spec=spec, progress=progress)
 
     # ---- understanding (VQA) -----------------------------------------------------------------------
     def _prompts(self, samples: Sequence[Any]) -> list[str]:
@@ -259,12 +198,9 @@ class JanusFamily:
             batch["labels"] = torch.tensor(labels, dtype=torch.long)
         return {k: v.to(self.device) for k, v in batch.items()}
 
-    def _net(self) -> torch.nn.Module:
-        return self.model if self.model is not None else self.base
-
     def vqa_loss(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """Mean cross-entropy over answer tokens (HF's causal-LM loss, labels shifted inside)."""
-        out = self._net()(**batch)
+        out = self.net()(**batch)
         return out.loss
 
     @torch.no_grad()
@@ -278,7 +214,7 @@ class JanusFamily:
             eos_token_id=self.tokenizer.eos_token_id,
             bos_token_id=self.tokenizer.bos_token_id,
         )
-        net = self._net()
+        net = self.net()
         was_training = net.training
         net.eval()
         try:
@@ -295,7 +231,7 @@ class JanusFamily:
 
     def image_tokens(self, paths: Sequence[Path]) -> torch.Tensor:
         """(N, h*w) image-token ids of the frozen VQ tokenizer, cached per image file."""
-        from fedumm.models.janus_generation import encode_images
+        from fedumm.models.janus.generation import encode_images
 
         todo = [p for p in dict.fromkeys(Path(p) for p in paths) if p not in self._image_tokens]
         if todo:
@@ -307,19 +243,19 @@ class JanusFamily:
         self, samples: Sequence[Any], *, generator: torch.Generator, cfg_drop_prob: float = 0.1
     ) -> dict[str, torch.Tensor]:
         """Text-to-image training batch of caption samples (``caption``, ``image_path``)."""
-        from fedumm.models.janus_generation import t2i_batch
+        from fedumm.models.janus.generation import t2i_batch
 
         tokens = self.image_tokens([Path(s.image_path) for s in samples])
         prompts = [self.generation_prompt(s.caption) for s in samples]
         return t2i_batch(
-            self._net(), self.processor, prompts, tokens, cfg_drop_prob=cfg_drop_prob, generator=generator
+            self.net(), self.processor, prompts, tokens, cfg_drop_prob=cfg_drop_prob, generator=generator
         )
 
     def caption_loss(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """Mean next-image-token cross-entropy (teacher forcing) through the adapter."""
-        from fedumm.models.janus_generation import t2i_loss
+        from fedumm.models.janus.generation import t2i_loss
 
-        return t2i_loss(self._net(), dict(batch))
+        return t2i_loss(self.net(), dict(batch))
 
     def generate(
         self,
@@ -331,10 +267,10 @@ class JanusFamily:
         seed: int = 0,
     ) -> list[Image.Image]:
         """Sample images for ``prompts`` with classifier-free guidance (prompt-major order, seeded)."""
-        from fedumm.models.janus_generation import generate_images
+        from fedumm.models.janus.generation import generate_images
 
         return generate_images(
-            self._net(),
+            self.net(),
             self.processor,
             [self.generation_prompt(p) for p in prompts],
             num_images_per_prompt=images_per_prompt,
@@ -342,7 +278,3 @@ class JanusFamily:
             temperature=temperature,
             seed=seed,
         )
-
-    def full_model_bytes(self) -> int:
-        """Bytes of every backbone parameter at its stored dtype (what full fine-tuning would send)."""
-        return sum(p.numel() * p.element_size() for n, p in self.base.named_parameters() if "lora_" not in n)
