@@ -94,6 +94,34 @@ class TrainConfig(_Strict):
     local_val_fraction: float = Field(default=0.1, ge=0, lt=1, description="held out per client for q_k")
 
 
+class DefenseConfig(_Strict):
+    """Server defences against hostile but well-formed updates (docs/SECURITY.md)."""
+
+    count_cap: float | None = Field(
+        default=2.0, ge=1, description="no client weighs more than cap x the median count; null = off"
+    )
+    norm_bound: Literal["adaptive", "fixed", "off"] = Field(
+        default="adaptive", description="bound each client's delta norm (per adapter group)"
+    )
+    norm_multiple: float = Field(default=2.0, gt=0, description="adaptive: multiple of the median norm")
+    norm_value: float | None = Field(default=None, gt=0, description="fixed: the bound")
+    rule: Literal["none", "median", "trimmed_mean", "multi_krum"] = Field(
+        default="none", description="robust aggregation rule applied before the strategy"
+    )
+    trim_fraction: float = Field(default=0.2, ge=0, lt=0.5, description="trimmed_mean: share cut per end")
+    krum_f: int = Field(default=1, ge=0, description="multi_krum: attackers tolerated")
+    krum_m: int | None = Field(default=None, ge=1, description="multi_krum: updates kept (null = n - f)")
+    space: Literal["factors", "product"] = Field(
+        default="factors", description="robust rules on LoRA factors A, B or on the products B.A"
+    )
+
+    @model_validator(mode="after")
+    def _fixed(self) -> DefenseConfig:
+        if self.norm_bound == "fixed" and self.norm_value is None:
+            raise ValueError("norm_bound: fixed needs norm_value")
+        return self
+
+
 class FederationConfig(_Strict):
     clients: int = Field(default=4, ge=1)
     alpha: float = Field(default=0.5, ge=0, description="Dirichlet concentration; 0 = IID")
@@ -115,6 +143,14 @@ class FederationConfig(_Strict):
         default=None, description="share of clients per task mix, e.g. {understanding: 0.25, both: 0.75}"
     )
     client_tasks: list[Task] | None = Field(default=None, description="one task mix per client, in order")
+    sampling: Literal["fixed", "poisson"] = Field(
+        default="fixed",
+        description="fixed: round(sample_fraction x K) clients a round; poisson: each with that chance",
+    )
+    defense: DefenseConfig = DefenseConfig()
+    secure_aggregation: Literal["none", "he"] = Field(
+        default="none", description="he: FedAvg over CKKS-encrypted deltas on FLARE (nvflare-poc)"
+    )
 
     @model_validator(mode="after")
     def _check(self) -> FederationConfig:
@@ -184,6 +220,63 @@ class NvflareConfig(_Strict):
         return self
 
 
+# strategies that use client states only through their example-weighted mean (DP noise on the mean
+# passes through them unchanged); quality_weighted weighs by client-reported scores, product_space
+# averages products of individual factors
+DP_STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "ffa_lora")
+# strategies whose aggregate is a weighted sum of the client deltas, which CKKS can compute encrypted
+HE_STRATEGIES = ("fedavg", "fedprox")
+
+
+class PrivacyConfig(_Strict):
+    """Client-level differential privacy (DP-FedAvg) with a dp-accounting accountant."""
+
+    enabled: bool = False
+    noise_multiplier: float | None = Field(default=None, ge=0, description="z; or give target_epsilon")
+    target_epsilon: float | None = Field(default=None, gt=0, description="choose z for federation.rounds")
+    clip_norm: float = Field(default=1.0, gt=0, description="C, each client's delta norm bound (.inf = none)")
+    delta: float = Field(default=1e-5, gt=0, lt=1)
+
+    @model_validator(mode="after")
+    def _one_of(self) -> PrivacyConfig:
+        if self.enabled and (self.noise_multiplier is None) == (self.target_epsilon is None):
+            raise ValueError("privacy: give exactly one of noise_multiplier and target_epsilon")
+        return self
+
+
+ADVERSARY_KINDS = ("sign_flip", "scale", "gaussian", "free_rider", "label_flip", "backdoor")
+
+
+class AdversaryConfig(_Strict):
+    """Simulated malicious clients (absent = none). docs/SECURITY.md lists what each kind sends."""
+
+    clients: int | list[str] = Field(description="a count (chosen from the seed) or client names")
+    kind: Literal["sign_flip", "scale", "gaussian", "free_rider", "label_flip", "backdoor"] = "sign_flip"
+    strength: float = Field(default=1.0, description="scale: delta x strength; gaussian: norm multiple")
+    claimed_examples: int | None = Field(default=None, ge=1, description="the count it reports")
+    target_answer: str = Field(default="purple", description="backdoor: the answer its trigger maps to")
+    trigger_size: int = Field(default=8, ge=1, le=64, description="backdoor: trigger patch side (px)")
+    poison_fraction: float = Field(
+        default=0.5, gt=0, le=1, description="backdoor: share of its questions added with the trigger"
+    )
+
+    def chosen(self, names: list[str], seed: int) -> list[str]:
+        """The adversarial clients among ``names`` (a count is drawn from the seed, deterministically)."""
+        import numpy as np
+
+        from fedumm.seeding import derive_seed
+
+        if isinstance(self.clients, list):
+            unknown = [c for c in self.clients if c not in names]
+            if unknown:
+                raise ConfigError(f"adversary.clients: unknown {unknown}; the clients: {', '.join(names)}")
+            return sorted(self.clients)
+        if self.clients > len(names):
+            raise ConfigError(f"adversary.clients={self.clients} exceeds the {len(names)} clients")
+        rng = np.random.default_rng(derive_seed(seed, "adversary"))
+        return sorted(names[i] for i in rng.choice(len(names), size=self.clients, replace=False))
+
+
 class BaselinesConfig(_Strict):
     zero_shot: bool = True
     centralized: bool = True
@@ -203,6 +296,58 @@ class Config(_Strict):
     baselines: BaselinesConfig = BaselinesConfig()
     geneval: GenEvalConfig = GenEvalConfig()
     nvflare: NvflareConfig = NvflareConfig()
+    privacy: PrivacyConfig = PrivacyConfig()
+    adversary: AdversaryConfig | None = None
+
+    @model_validator(mode="after")
+    def _trust_fits(self) -> Config:
+        """Defences, DP and secure aggregation that cannot work together are refused here, by name."""
+        fed = self.federation
+        strategies = [fed.strategy, *fed.group_strategies.values()]
+        if fed.defense.space == "product" and fed.defense.rule != "none" and "ffa_lora" in strategies:
+            raise ValueError(
+                "federation.defense.space=product refactors A and B, but ffa_lora keeps A frozen; "
+                "use space: factors"
+            )
+        if self.privacy.enabled:
+            bad = [s for s in strategies if s not in DP_STRATEGIES]
+            if bad:
+                raise ValueError(
+                    f"privacy: strategy {bad[0]!r} does not aggregate through a weighted mean, so DP noise "
+                    f"on the mean does not bound it; use one of {', '.join(DP_STRATEGIES)}"
+                )
+            if fed.defense.rule != "none":
+                raise ValueError(
+                    f"privacy: federation.defense.rule={fed.defense.rule!r} is not a mean; the DP "
+                    "guarantee covers the clipped mean only (set rule: none)"
+                )
+            if fed.sampling == "poisson" and self.privacy.clip_norm == float("inf"):
+                raise ValueError("privacy: Poisson sampling scales clipped deltas; give a finite clip_norm")
+        if fed.secure_aggregation == "he":
+            if self.engine != "nvflare-poc":
+                raise ValueError(
+                    "federation.secure_aggregation=he runs on engine nvflare-poc (the POC provisions the "
+                    f"HE context), not {self.engine!r}"
+                )
+            bad = [s for s in strategies if s not in HE_STRATEGIES]
+            if bad:
+                raise ValueError(
+                    f"federation.secure_aggregation=he: strategy {bad[0]!r} needs plaintext updates; "
+                    f"use one of {', '.join(HE_STRATEGIES)}"
+                )
+            if fed.defense.rule != "none" or fed.defense.norm_bound != "off":
+                raise ValueError(
+                    "federation.secure_aggregation=he: the server sees no delta in the clear, so "
+                    "defense.rule and defense.norm_bound cannot run; set rule: none and norm_bound: off"
+                )
+            if self.privacy.enabled:
+                raise ValueError("federation.secure_aggregation=he with privacy is not supported yet")
+        if self.adversary is not None:
+            try:
+                self.adversary.chosen(client_names_of(fed.clients), self.seed)
+            except ConfigError as exc:
+                raise ValueError(str(exc)) from None
+        return self
 
     @model_validator(mode="after")
     def _family_fits(self) -> Config:
@@ -232,8 +377,23 @@ class Config(_Strict):
         return self
 
 
+def client_names_of(k: int) -> list[str]:
+    """Client names of a federation of ``k`` (the partition's names)."""
+    from fedumm.data.partition import client_names
+
+    return list(client_names(k))
+
+
 def _field_names(model: type[BaseModel]) -> list[str]:
     return list(model.model_fields)
+
+
+def _submodel(ann: Any) -> type[BaseModel] | None:
+    """The section model of a field annotation (``Section`` or ``Section | None``), else None."""
+    if isinstance(ann, type) and issubclass(ann, BaseModel):
+        return ann
+    models = [a for a in getattr(ann, "__args__", ()) if isinstance(a, type) and issubclass(a, BaseModel)]
+    return models[0] if len(models) == 1 else None
 
 
 def _suggest(model: type[BaseModel] | None, loc: tuple[Any, ...]) -> str:
@@ -242,8 +402,7 @@ def _suggest(model: type[BaseModel] | None, loc: tuple[Any, ...]) -> str:
     for part in loc[:-1]:
         if cur is None or part not in cur.model_fields:
             return ""
-        ann = cur.model_fields[part].annotation
-        cur = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+        cur = _submodel(cur.model_fields[part].annotation)
     if cur is None:
         return ""
     close = difflib.get_close_matches(str(loc[-1]), _field_names(cur), n=1)
@@ -287,8 +446,7 @@ def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
         if i == len(parts) - 1:
             cur[part] = value
             return
-        ann = model.model_fields[part].annotation if model is not None else None
-        model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+        model = _submodel(model.model_fields[part].annotation) if model is not None else None
         nxt = cur.get(part)
         if nxt is None:
             nxt = cur[part] = {}

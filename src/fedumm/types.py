@@ -10,7 +10,7 @@ import torch
 
 from fedumm.errors import InvalidUpdate
 
-__all__ = ["AdapterState", "ClientUpdate", "RoundRecord", "validate_update"]
+__all__ = ["AdapterState", "ClientUpdate", "DefenseEvent", "RoundRecord", "validate_update"]
 
 #: Canonical adapter state: adapter-name-free peft keys -> CPU tensors, never sharing storage
 #: with live parameters. Built by :func:`fedumm.models.lora_state.get_adapter_state`.
@@ -30,6 +30,34 @@ class ClientUpdate:
 
 
 @dataclass(frozen=True, kw_only=True)
+class DefenseEvent:
+    """One thing a server defence did to one client's update in one adapter group."""
+
+    client: str
+    group: str
+    action: str  # down_weighted | clipped | excluded | trimmed | skipped
+    reason: str
+    value: float | None = None  # the measured quantity (count, norm, score, share trimmed)
+
+    def to_json(self) -> dict:
+        out = {"client": self.client, "group": self.group, "action": self.action, "reason": self.reason}
+        if self.value is not None:
+            out["value"] = self.value
+        return out
+
+    @classmethod
+    def from_json(cls, d: Mapping) -> DefenseEvent:
+        value = d.get("value")
+        return cls(
+            client=str(d["client"]),
+            group=str(d["group"]),
+            action=str(d["action"]),
+            reason=str(d["reason"]),
+            value=None if value is None else float(value),
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
 class RoundRecord:
     """One finished round as written to metrics.jsonl."""
 
@@ -41,9 +69,19 @@ class RoundRecord:
     bytes_down: Mapping[str, int]
     wall_time_s: float
     dropped: tuple[str, ...] = ()
+    defense: tuple[DefenseEvent, ...] = ()  # what the server's defences did this round
+    adversarial: tuple[str, ...] = ()  # simulated attackers among this round's clients
+    epsilon: float | None = None  # client-level DP: epsilon after this round at privacy.delta
 
     def to_json(self) -> dict:
-        return {
+        trust: dict = {}
+        if self.defense:
+            trust["defense"] = [e.to_json() for e in self.defense]
+        if self.adversarial:
+            trust["adversarial"] = list(self.adversarial)
+        if self.epsilon is not None:
+            trust["epsilon"] = self.epsilon
+        out = {
             "round": self.round,
             "clients": list(self.clients),
             "dropped": list(self.dropped),
@@ -55,6 +93,7 @@ class RoundRecord:
             "bytes_down_total": sum(self.bytes_down.values()),
             "wall_time_s": self.wall_time_s,
         }
+        return out | trust
 
 
 def validate_update(update: ClientUpdate, reference: AdapterState) -> None:

@@ -18,6 +18,7 @@ from fedumm.engines.base import ENGINES, FederationSetup
 from fedumm.fl.compress import apply_delta, decode, delta_of, encode
 from fedumm.progress import NullProgress, Progress
 from fedumm.server.rounds import RoundLoop, RoundOutcome
+from fedumm.server.trust import trust_settings
 from fedumm.types import AdapterState
 from fedumm.wire import pack_state, pack_update, unpack_state, unpack_update
 
@@ -131,5 +132,6 @@ def run_inprocess(setup: FederationSetup) -> AdapterState:
         group_of=setup.group_of,
         evaluate=setup.evaluate,
         on_round=record,
+        trust=trust_settings(setup.cfg),
     )
     return loop.run(setup.start_state, start_round=setup.start_round)

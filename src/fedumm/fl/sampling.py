@@ -9,7 +9,7 @@ import numpy as np
 
 from fedumm.errors import ConfigError
 
-__all__ = ["sample_clients"]
+__all__ = ["sample_clients", "poisson_sample_clients"]
 
 
 def sample_clients(clients: Sequence[str], fraction: float, seed: int) -> list[str]:
@@ -22,3 +22,12 @@ def sample_clients(clients: Sequence[str], fraction: float, seed: int) -> list[s
     rng = np.random.default_rng(seed)
     picked = rng.choice(len(clients), size=k, replace=False)
     return sorted(clients[i] for i in picked)
+
+
+def poisson_sample_clients(clients: Sequence[str], rate: float, seed: int) -> list[str]:
+    """Each client independently with probability ``rate`` (possibly none); returned in name order."""
+    if not 0 < rate <= 1 or not math.isfinite(rate):
+        raise ConfigError(f"sample_fraction must be in (0, 1], got {rate!r}")
+    rng = np.random.default_rng(seed)
+    draws = rng.random(len(clients))
+    return sorted(c for c, u in zip(clients, draws, strict=True) if u < rate)

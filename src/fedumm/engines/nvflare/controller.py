@@ -30,6 +30,7 @@ from fedumm.errors import EngineError
 from fedumm.fl.strategies import make_strategy
 from fedumm.io import read_safetensors
 from fedumm.server.rounds import RoundLoop, RoundOutcome
+from fedumm.server.trust import trust_settings
 from fedumm.types import AdapterState, ClientUpdate, RoundRecord
 
 log = logging.getLogger(__name__)
@@ -208,6 +209,7 @@ class FedummController(ModelController):
                 group_of=lambda key: groups.get(key, "other"),
                 evaluate=None,
                 on_round=on_round,
+                trust=trust_settings(cfg),
             )
             loop.run(initial)
             results.done(fed.rounds)

@@ -20,7 +20,7 @@ import torch
 
 from fedumm.errors import EngineError
 from fedumm.io import atomic_save_safetensors, atomic_write_json, read_safetensors
-from fedumm.types import AdapterState, RoundRecord
+from fedumm.types import AdapterState, DefenseEvent, RoundRecord
 
 __all__ = ["ResultsWriter", "ResultsReader", "ServerRound", "record_from_json"]
 
@@ -78,6 +78,9 @@ def record_from_json(
         bytes_up={k: int(v) for k, v in d["bytes_up"].items()},
         bytes_down={k: int(v) for k, v in d["bytes_down"].items()},
         wall_time_s=float(d["wall_time_s"]) + extra_wall_s,
+        defense=tuple(DefenseEvent.from_json(e) for e in d.get("defense", ())),
+        adversarial=tuple(d.get("adversarial", ())),
+        epsilon=None if d.get("epsilon") is None else float(d["epsilon"]),
     )
 
 
