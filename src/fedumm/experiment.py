@@ -12,10 +12,12 @@ import resource
 import sys
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
+from fedumm.client.adversary import arm, backdoor_test_set
 from fedumm.client.site import (
     GENERATION_PARTITION,
     Site,
@@ -39,6 +41,7 @@ from fedumm.plots import plot_accuracy_per_round
 from fedumm.progress import NullProgress, Progress
 from fedumm.seeding import derive_seed
 from fedumm.server.run_dir import RunDir
+from fedumm.server.trust import trust_settings
 from fedumm.summary import RunSummary, SettingResult
 from fedumm.types import AdapterState, RoundRecord
 from fedumm.wire import pack_state
@@ -99,7 +102,10 @@ def run_experiment(
     family, full_bytes = build_family(cfg)
     loss_name = family.info.generation_loss
     spec = train_spec(cfg)
-    sites = {name: Site(name=name, family=family, data=d, spec=spec) for name, d in splits.items()}
+    sites = {}
+    for name, d in splits.items():
+        adversary, d = arm(cfg, name, d, work_dir=run.path)
+        sites[name] = Site(name=name, family=family, data=d, spec=spec, adversary=adversary)
     initial = get_adapter_state(family.model)
     bs = cfg.train.eval_batch_size
 
@@ -150,6 +156,7 @@ def run_experiment(
         progress.finish("geneval")
         return flat_metrics(result)
 
+    trust = trust_settings(cfg)
     summary = RunSummary(
         name=cfg.name,
         engine=cfg.engine,
@@ -158,6 +165,9 @@ def run_experiment(
         full_model_bytes=full_bytes,
         adapter_params=state_num_params(initial),
         adapter_payload_bytes=len(pack_state(initial)),
+        adversarial_clients=tuple(sorted(trust.adversaries)),
+        noise_multiplier=trust.privacy.noise_multiplier if trust.privacy else None,
+        privacy_delta=trust.privacy.delta if trust.privacy else None,
     )
     start_round, start_state, server_state, client_state = 1, initial, {}, {}
     if previous is not None:
@@ -269,6 +279,10 @@ def run_experiment(
             bytes_up_per_round=max(r["bytes_up_total"] for r in rounds_done),
             bytes_down_per_round=max(r["bytes_down_total"] for r in rounds_done),
         )
+        if cfg.adversary is not None and cfg.adversary.kind == "backdoor":
+            triggered = backdoor_test_set(cfg.adversary, data.test, run.path)
+            rate = evaluate(final, triggered, "attack success (triggered test)")
+            summary = summary.with_(federated=replace(summary.federated, attack_success=rate))
         set_adapter_state_(family.model, final)
         run.save_peft_adapter(family)
         summary = summary.with_(status="finished")
@@ -311,7 +325,9 @@ def _finish(run: RunDir, summary: RunSummary, t_start: float) -> RunSummary:
                 title="GenEval overall (built-in detector)",
                 ylabel="GenEval overall (%)",
             )
+    eps = [r["epsilon"] for r in rounds if r.get("epsilon") is not None]
     summary = summary.with_(
+        epsilon=eps[-1] if eps else summary.epsilon,
         rounds_completed=len(rounds),
         wall_time_s=time.perf_counter() - t_start,
         peak_rss_bytes=peak_rss_bytes(),

@@ -48,6 +48,8 @@ class SettingResult:
     train_loss: float | None = None
     rounds: int | None = None
     wall_time_s: float | None = None
+    # backdoor runs: share of triggered test questions answered with the target (percent)
+    attack_success: float | None = None
 
     @property
     def geneval_overall(self) -> float | None:
@@ -55,7 +57,11 @@ class SettingResult:
 
     def to_json(self, loss_name: str) -> dict:
         out: dict[str, Any] = {"vqa_accuracy": self.vqa_accuracy, "val_vqa_accuracy": self.val_vqa_accuracy}
-        for key, value in (("train_loss", self.train_loss), ("rounds", self.rounds)):
+        for key, value in (
+            ("train_loss", self.train_loss),
+            ("rounds", self.rounds),
+            ("attack_success", self.attack_success),
+        ):
             if value is not None:
                 out[key] = value
         if self.generation_loss is not None:
@@ -88,6 +94,7 @@ class SettingResult:
             train_loss=_number(obj.get("train_loss"), f"{where}.train_loss"),
             rounds=_integer(obj.get("rounds"), f"{where}.rounds"),
             wall_time_s=_number(obj.get("wall_time_s"), f"{where}.wall_time_s"),
+            attack_success=_number(obj.get("attack_success"), f"{where}.attack_success"),
         )
 
 
@@ -111,6 +118,11 @@ class RunSummary:
     wall_time_s: float | None = None
     peak_rss_bytes: int | None = None
     rounds_completed: int | None = None
+    # client-level DP: epsilon after the rounds completed, at privacy_delta, with noise_multiplier z
+    epsilon: float | None = None
+    privacy_delta: float | None = None
+    noise_multiplier: float | None = None
+    adversarial_clients: tuple[str, ...] = ()  # simulated attackers (adversary: in the config)
 
     @property
     def finished(self) -> bool:
@@ -146,6 +158,14 @@ class RunSummary:
             "rounds_completed",
         ):
             out[key] = getattr(self, key)
+        if self.noise_multiplier is not None:
+            out["privacy"] = {
+                "epsilon": self.epsilon,
+                "delta": self.privacy_delta,
+                "noise_multiplier": self.noise_multiplier,
+            }
+        if self.adversarial_clients:
+            out["adversarial_clients"] = list(self.adversarial_clients)
         return out
 
     @classmethod
@@ -187,4 +207,18 @@ class RunSummary:
             wall_time_s=wall if wall is None or math.isfinite(wall) else None,
             peak_rss_bytes=_integer(obj.get("peak_rss_bytes"), f"{source}: peak_rss_bytes"),
             rounds_completed=_integer(obj.get("rounds_completed"), f"{source}: rounds_completed"),
+            **_privacy_of(obj.get("privacy"), source),
+            adversarial_clients=tuple(str(c) for c in obj.get("adversarial_clients") or ()),
         )
+
+
+def _privacy_of(obj: Any, source: str) -> dict[str, float | None]:
+    if obj is None:
+        return {}
+    if not isinstance(obj, Mapping):
+        raise DataError(f"{source}: privacy must be an object, got {type(obj).__name__}")
+    return {
+        "epsilon": _number(obj.get("epsilon"), f"{source}: privacy.epsilon"),
+        "privacy_delta": _number(obj.get("delta"), f"{source}: privacy.delta"),
+        "noise_multiplier": _number(obj.get("noise_multiplier"), f"{source}: privacy.noise_multiplier"),
+    }

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fedumm.client.adversary import Adversary, arm
 from fedumm.client.train import ClientData, TrainSpec, split_local_val
 from fedumm.config import Config
 from fedumm.data.partition import Partition, build_partition, client_names, load_partition
@@ -277,6 +278,7 @@ class Site:
     family: ModelFamily
     data: ClientData
     spec: TrainSpec
+    adversary: Adversary | None = None  # a simulated attacker (fedumm.client.adversary); None: honest
 
 
 def build_site(cfg: Config, name: str, *, partition_path: str | Path | None = None) -> Site:
@@ -288,6 +290,9 @@ def build_site(cfg: Config, name: str, *, partition_path: str | Path | None = No
     """
     if partition_path is not None:
         family, data = load_client(cfg, partition_path, name)
+        # simulation: the run directory (beside the partition) holds an attacker's triggered images
+        adversary, data = arm(cfg, name, data, work_dir=Path(partition_path).parent)
+        return Site(name=name, family=family, data=data, spec=train_spec(cfg), adversary=adversary)
     else:
         run_data = load_data(cfg, eval_splits=False)
         family, _ = build_family(cfg)

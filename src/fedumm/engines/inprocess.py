@@ -12,8 +12,9 @@ from dataclasses import replace
 
 import torch
 
+from fedumm.client.adversary import run_site_round
 from fedumm.client.site import Site
-from fedumm.client.train import num_steps, run_client_round
+from fedumm.client.train import num_steps
 from fedumm.engines.base import ENGINES, FederationSetup
 from fedumm.fl.compress import apply_delta, decode, delta_of, encode
 from fedumm.progress import NullProgress, Progress
@@ -58,8 +59,9 @@ class InProcessEngine:
             site = self.sites[cid]
             steps = num_steps(len(site.data.train), site.spec, len(site.data.gen_train))
             self.progress.start("steps", f"{cid} local steps", steps)
-            update = run_client_round(
+            update = run_site_round(
                 site.family,
+                adversary=site.adversary,
                 client_id=cid,
                 global_state=received,
                 data=site.data,

@@ -94,7 +94,7 @@ def main(argv: Sequence[str] | None = None, *, script_dir: str | Path | None = N
         log.exception("%s: cannot load the model or data", site)
         load_error = f"{site} cannot load its model or data: {type(exc).__name__}: {exc}"
 
-    from fedumm.client.train import run_client_round
+    from fedumm.client.adversary import run_site_round
     from fedumm.fl.strategies import make_strategy
 
     # the strategy's client-side hooks (FedProx's term, FFA-LoRA's frozen A), as in process
@@ -117,8 +117,9 @@ def main(argv: Sequence[str] | None = None, *, script_dir: str | Path | None = N
             )
             continue
         try:
-            update = run_client_round(
+            update = run_site_round(
                 built.family,
+                adversary=built.adversary,
                 client_id=site,
                 global_state=received.params,
                 data=built.data,
