@@ -566,6 +566,53 @@ def pretrain(
     out_console.print_json(json.dumps(report))
 
 
+@app.command()
+def privacy(
+    sample_rate: Annotated[float, typer.Option("--sample-rate", help="q: share of clients per round")],
+    rounds: Annotated[int, typer.Option("--rounds", help="T: rounds")],
+    delta: Annotated[float, typer.Option("--delta", help="the delta of (epsilon, delta)-DP")] = 1e-5,
+    noise_multiplier: Annotated[
+        float | None, typer.Option("--noise-multiplier", help="z: noise std / clip norm (gives epsilon)")
+    ] = None,
+    target_epsilon: Annotated[
+        float | None, typer.Option("--target-epsilon", help="the epsilon to reach (gives z)")
+    ] = None,
+    sampling: Annotated[str, typer.Option(help="poisson or fixed (round(q K) clients, needs --clients)")] = (
+        "poisson"
+    ),
+    clients: Annotated[int | None, typer.Option("--clients", help="K (fixed-size sampling)")] = None,
+) -> None:
+    """Plan client-level DP: epsilon for a noise multiplier, or the noise multiplier for an epsilon (JSON)."""
+    from fedumm.fl.privacy import accountant_name, epsilon, noise_for_epsilon
+
+    try:
+        if (noise_multiplier is None) == (target_epsilon is None):
+            raise ConfigError("give exactly one of --noise-multiplier Z and --target-epsilon E")
+        common = dict(sample_rate=sample_rate, rounds=rounds, delta=delta, sampling=sampling, clients=clients)
+        if noise_multiplier is not None:
+            z = noise_multiplier
+            eps = epsilon(noise_multiplier=z, **common)
+        else:
+            z = noise_for_epsilon(target_epsilon=target_epsilon, **common)
+            eps = epsilon(noise_multiplier=z, **common)
+    except FedummError as exc:
+        _fail(exc)
+    result = {
+        "epsilon": eps if eps != float("inf") else None,  # JSON has no infinity: null = no guarantee
+        "delta": delta,
+        "noise_multiplier": z,
+        "sample_rate": sample_rate,
+        "rounds": rounds,
+        "sampling": sampling,
+        "accountant": accountant_name(sampling),
+    }
+    if clients is not None:
+        result["clients"] = clients
+    if target_epsilon is not None:
+        result["target_epsilon"] = target_epsilon
+    sys.stdout.write(json.dumps(result, indent=2) + "\n")
+
+
 @nvflare_app.command("export")
 def nvflare_export(
     config: Annotated[Path, typer.Argument(help="YAML config")],

@@ -90,7 +90,11 @@ def _tampered_state(
         new = {k: strength * d for k, d in delta.items()}
     else:  # gaussian: a random direction with the honest delta's norm times strength
         gen = torch.Generator().manual_seed(seed)
-        noise = {k: torch.randn(d.shape, generator=gen, dtype=torch.float64) for k, d in delta.items()}
+        # only over what the client trained (a frozen factor's delta is zero and stays zero)
+        noise = {
+            k: torch.randn(d.shape, generator=gen, dtype=torch.float64) if bool(d.any()) else d
+            for k, d in sorted(delta.items())
+        }
         honest = math.sqrt(sum(float(d.pow(2).sum()) for d in delta.values()))
         length = math.sqrt(sum(float(n.pow(2).sum()) for n in noise.values())) or 1.0
         new = {k: n * (strength * honest / length) for k, n in noise.items()}
