@@ -115,8 +115,9 @@ def validate_update(update: ClientUpdate, reference: AdapterState) -> None:
             raise InvalidUpdate(
                 f"client {cid!r}: {key} has shape {tuple(t.shape)}, expected {tuple(ref.shape)}"
             )
-        if not t.is_floating_point():
-            raise InvalidUpdate(f"client {cid!r}: {key} has dtype {t.dtype}, expected a float dtype")
+        if not t.is_floating_point() or t.dtype != ref.dtype:
+            # a client must not change the global adapter's precision (the mean takes its dtype)
+            raise InvalidUpdate(f"client {cid!r}: {key} has dtype {t.dtype}, expected {ref.dtype}")
         if not bool(torch.isfinite(t).all()):
             raise InvalidUpdate(f"client {cid!r}: {key} contains NaN or Inf")
     for name, value in update.metrics.items():
