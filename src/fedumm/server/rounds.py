@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Engine", "RoundOutcome", "RoundLoop"]
+__all__ = ["Engine", "RoundOutcome", "RoundLoop", "SecureAggregation"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -37,6 +37,14 @@ class RoundOutcome:
     bytes_up: Mapping[str, int]
     bytes_down: Mapping[str, int]
     dropped: Sequence[str] = field(default_factory=tuple)  # crashed, timed out or rejected
+
+
+class SecureAggregation(Protocol):
+    """Aggregation over updates the server cannot read (FLARE's HE): replaces the strategy's."""
+
+    def validate(self, update: ClientUpdate, reference: AdapterState) -> None: ...
+
+    def aggregate(self, *, global_state, updates: Sequence[ClientUpdate], group_of) -> dict: ...
 
 
 class Engine(Protocol):
@@ -60,6 +68,7 @@ class RoundLoop:
     evaluate: Callable[[AdapterState, int], Mapping[str, float]] | None = None
     on_round: Callable[[RoundRecord, AdapterState], None] | None = None
     trust: TrustSettings | None = None  # None: no defence at all (not even the default ones)
+    secure: SecureAggregation | None = None  # encrypted updates: validated and aggregated by it
 
     def _sample(self, rnd: int) -> list[str]:
         seed = derive_seed(self.seed, "sample", "", rnd)
@@ -118,7 +127,7 @@ class RoundLoop:
             accepted, dropped = [], list(outcome.dropped)
             for u in outcome.updates:
                 try:
-                    validate_update(u, state)
+                    (self.secure.validate if self.secure is not None else validate_update)(u, state)
                 except Exception as exc:  # a bad update is dropped for this round and logged
                     log.warning("round %d: rejected update from %s: %s", rnd, u.client_id, exc)
                     dropped.append(u.client_id)
@@ -131,7 +140,8 @@ class RoundLoop:
                 )
             accepted.sort(key=lambda u: u.client_id)  # aggregation order never depends on arrival order
             defended, events = self._defend(rnd, state, accepted)
-            state = self.strategy.aggregate(global_state=state, updates=defended, group_of=self.group_of)
+            aggregate = self.secure.aggregate if self.secure is not None else self.strategy.aggregate
+            state = aggregate(global_state=state, updates=defended, group_of=self.group_of)
             self._record(rnd, state, accepted, dropped, outcome.bytes_up, outcome.bytes_down, events, t0)
         return state
 

@@ -50,6 +50,9 @@ __all__ = [
     "new_secure_session",
     "register_tensor_decomposer",
     "fobs_nbytes",
+    "he_filters",
+    "register_he_decomposers",
+    "he_meta_keys",
 ]
 
 
@@ -66,3 +69,37 @@ def fobs_nbytes(model: FLModel) -> int:
     ``FLModelUtils.to_shareable`` builds, tensors encoded natively (safetensors per tensor)."""
     register_tensor_decomposer()
     return len(fobs.dumps(FLModelUtils.to_shareable(model)))
+
+
+def he_filters(context_file: str):
+    """FLARE's HE filters for a client (encrypt results, decrypt task data) and the filter types.
+
+    Imported on demand: they need TenSEAL (``pip install 'fedumm[nvflare]'``).
+    """
+    try:
+        from nvflare.app_opt.he.model_decryptor import HEModelDecryptor
+        from nvflare.app_opt.he.model_encryptor import HEModelEncryptor
+        from nvflare.job_config.defs import FilterType
+    except ImportError as exc:  # pragma: no cover - exercised only without tenseal
+        raise EngineError(
+            f"secure aggregation needs TenSEAL ({exc}); install it with {INSTALL_HINT}"
+        ) from None
+    # weights are applied by the server (bounded example counts), not by the client before encryption
+    encryptor = HEModelEncryptor(tenseal_context_file=context_file, weigh_by_local_iter=False)
+    decryptor = HEModelDecryptor(tenseal_context_file=context_file)
+    return encryptor, decryptor, FilterType
+
+
+def register_he_decomposers() -> None:
+    """FOBS support for CKKS vectors (FLARE's own decomposer)."""
+    from nvflare.app_opt.he import decomposers
+
+    decomposers.register()
+
+
+def he_meta_keys() -> tuple[str, str, str]:
+    """The DXO meta keys FLARE's HE filters read: processed keys, algorithm, and CKKS's name."""
+    from nvflare.apis.dxo import MetaKey
+    from nvflare.app_opt.he.constant import HE_ALGORITHM_CKKS
+
+    return MetaKey.PROCESSED_KEYS, MetaKey.PROCESSED_ALGORITHM, HE_ALGORITHM_CKKS

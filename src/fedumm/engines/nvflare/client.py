@@ -68,6 +68,22 @@ def _resolve(path: str, base: Path) -> str:
     return str(p if p.is_absolute() else base / p)
 
 
+def he_global(received, initial):
+    """The global adapter from a secure-aggregation broadcast: W_0 itself in round 1, afterwards
+    W_0 + D_t with D_t as FLARE's HEModelDecryptor decrypted it (flat values per key)."""
+    import numpy as np
+    import torch
+
+    from fedumm.engines.nvflare.he_names import HE_META
+
+    kind = (received.meta or {}).get(HE_META)
+    out = {}
+    for k, ref in initial.items():
+        values = torch.as_tensor(np.asarray(received.params[k], dtype=np.float64)).reshape(ref.shape)
+        out[k] = (values if kind == "init" else ref.double() + values).to(ref.dtype)
+    return out
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description="fedumm FLARE client (Client API)")
     ap.add_argument("--config", required=True, help="resolved fedumm config (relative: beside the script)")
@@ -103,6 +119,12 @@ def main(argv: Sequence[str] | None = None, *, script_dir: str | Path | None = N
         group_strategies=cfg.federation.group_strategies,
         **cfg.federation.strategy_params,
     )
+    he = cfg.federation.secure_aggregation == "he"
+    initial = None
+    if he and not load_error:
+        from fedumm.models.lora_state import get_adapter_state
+
+        initial = get_adapter_state(built.family.model)  # W_0: the LoRA initialisation all sites share
     log.info("%s: ready", site)
     while flare_client.is_running():
         received = flare_client.receive()
@@ -117,11 +139,12 @@ def main(argv: Sequence[str] | None = None, *, script_dir: str | Path | None = N
             )
             continue
         try:
+            global_state = he_global(received, initial) if he else received.params
             update = run_site_round(
                 built.family,
                 adversary=built.adversary,
                 client_id=site,
-                global_state=received.params,
+                global_state=global_state,
                 data=built.data,
                 spec=built.spec,
                 base_seed=cfg.seed,
@@ -143,10 +166,19 @@ def main(argv: Sequence[str] | None = None, *, script_dir: str | Path | None = N
         meta: dict = {"num_examples": update.num_examples}
         if update.group_examples is not None:
             meta["group_examples"] = {str(k): int(v) for k, v in update.group_examples.items()}
+        if he:  # the delta, as numpy arrays: FLARE's HEModelEncryptor encrypts it on the way out
+            params_type = ParamsType.DIFF
+            params = {
+                k: (update.state[k].detach().double() - global_state[k].detach().double()).numpy()
+                for k in update.state
+            }
+        else:
+            params_type = ParamsType.FULL
+            params = {k: v.detach().cpu().contiguous() for k, v in update.state.items()}
         flare_client.send(
             FLModel(
-                params_type=ParamsType.FULL,
-                params={k: v.detach().cpu().contiguous() for k, v in update.state.items()},
+                params_type=params_type,
+                params=params,
                 meta=meta,
                 metrics={k: float(v) for k, v in update.metrics.items()},
                 current_round=rnd,

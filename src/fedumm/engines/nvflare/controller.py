@@ -25,6 +25,7 @@ from fedumm.engines.nvflare._flare import (
     fobs_nbytes,
     register_tensor_decomposer,
 )
+from fedumm.engines.nvflare.he_names import HE_META
 from fedumm.engines.nvflare.results import ResultsWriter
 from fedumm.errors import EngineError
 from fedumm.fl.strategies import make_strategy
@@ -63,6 +64,7 @@ class FlareRoundEngine:
     def __init__(self, controller: FedummController, cfg: Config) -> None:
         self.controller = controller
         self.cfg = cfg
+        self.he = cfg.federation.secure_aggregation == "he"
         self.timeout = max(1, math.ceil(cfg.nvflare.round_timeout_s))
         self.last_errors: dict[str, str] = {}
 
@@ -70,13 +72,7 @@ class FlareRoundEngine:
         ctl = self.controller
         if ctl.abort_signal is not None and ctl.abort_signal.triggered:
             raise EngineError(f"round {rnd}: the FLARE job was aborted")
-        model = FLModel(
-            params_type=ParamsType.FULL,
-            params={k: v.detach().cpu().contiguous() for k, v in global_state.items()},
-            current_round=rnd,
-            total_rounds=self.cfg.federation.rounds,
-            meta={"fedumm_round": rnd},
-        )
+        model = self._broadcast(rnd, global_state)
         down = fobs_nbytes(model)
         targets = list(clients)
         # Wait for every sampled client until the timeout (min_responses reached early does not end
@@ -124,12 +120,43 @@ class FlareRoundEngine:
             dropped=tuple(dropped),
         )
 
-    @staticmethod
-    def _to_update(rnd: int, name: str, r: FLModel, global_state: AdapterState) -> ClientUpdate:
+    def _broadcast(self, rnd: int, global_state) -> FLModel:
+        """The global adapter (plaintext), or under HE: W_0 in round 1, then the encrypted sum D_t."""
+        if not self.he:
+            return FLModel(
+                params_type=ParamsType.FULL,
+                params={k: v.detach().cpu().contiguous() for k, v in global_state.items()},
+                current_round=rnd,
+                total_rounds=self.cfg.federation.rounds,
+                meta={"fedumm_round": rnd},
+            )
+        import tenseal as ts
+
+        from fedumm.engines.nvflare._flare import he_meta_keys
+
+        keys_key, algo_key, ckks = he_meta_keys()
+        meta: dict = {"fedumm_round": rnd, HE_META: "init" if rnd == 1 else "delta"}
+        if rnd == 1:
+            params = {k: v.detach().cpu().numpy() for k, v in global_state.items()}
+        else:
+            params = dict(global_state)
+            meta[keys_key] = {k: isinstance(v, ts.CKKSVector) for k, v in params.items()}
+            meta[algo_key] = ckks
+        return FLModel(
+            params_type=ParamsType.FULL,
+            params=params,
+            current_round=rnd,
+            total_rounds=self.cfg.federation.rounds,
+            meta=meta,
+        )
+
+    def _to_update(self, rnd: int, name: str, r: FLModel, global_state: AdapterState) -> ClientUpdate:
         """As sent; whatever is malformed is left for RoundLoop's validate_update to reject."""
         meta = dict(r.meta or {})
         params = r.params if isinstance(r.params, dict) else {}
-        if r.params_type == ParamsType.DIFF:
+        if self.he:
+            pass  # encrypted deltas: EncryptedFedAvg validates and sums them as they are
+        elif r.params_type == ParamsType.DIFF:
             try:
                 params = {k: global_state[k] + v for k, v in params.items()}
             except Exception as exc:  # keys or shapes do not match: rejected below
@@ -193,8 +220,20 @@ class FedummController(ModelController):
             engine = FlareRoundEngine(self, cfg)
             results.started(clients, rounds=fed.rounds)
             self.info(f"fedumm: {fed.rounds} rounds of {fed.strategy} over {', '.join(clients)}")
+            secure = None
+            if engine.he:
+                from fedumm.engines.nvflare._flare import register_he_decomposers
+                from fedumm.engines.nvflare.he import EncryptedFedAvg
+
+                register_he_decomposers()
+                secure = EncryptedFedAvg(initial)
+                self.info("fedumm: secure aggregation (CKKS); the server holds no secret key")
 
             def on_round(record: RoundRecord, state: AdapterState) -> None:
+                if secure is not None:  # the encrypted sum of the deltas, as the launcher decrypts it
+                    from fedumm.engines.nvflare.he import serialize_state
+
+                    state = serialize_state(state)
                 results.round(record, state, strategy.state_dict())
                 self.info(f"fedumm: round {record.round} aggregated from {', '.join(record.clients)}")
 
@@ -210,6 +249,7 @@ class FedummController(ModelController):
                 evaluate=None,
                 on_round=on_round,
                 trust=trust_settings(cfg),
+                secure=secure,
             )
             loop.run(initial)
             results.done(fed.rounds)

@@ -27,6 +27,7 @@ from pathlib import Path
 from fedumm.config import Config, dump_config
 from fedumm.engines.nvflare._flare import ExchangeFormat, FedJob, FrameworkType, ScriptRunner, TransferType
 from fedumm.engines.nvflare.controller import TASK_NAME, FedummController
+from fedumm.engines.nvflare.he_names import CLIENT_CONTEXT
 from fedumm.errors import EngineError
 from fedumm.io import atomic_save_safetensors
 from fedumm.types import AdapterState
@@ -103,14 +104,26 @@ def build_job(
         for f in (CONFIG_NAME, INITIAL_NAME, GROUPS_NAME):
             job.add_file_to_server(str(staging / f))
         job.add_file_to_clients(str(staging / CONFIG_NAME))
+        he = cfg.federation.secure_aggregation == "he"
+        if he:
+            # FLARE's own HE path: the client's delta is CKKS-encrypted before it leaves the site,
+            # and what the server broadcasts is decrypted on the site (provisioned client context)
+            from fedumm.engines.nvflare._flare import he_filters
+
+            encryptor, decryptor, filter_type = he_filters(CLIENT_CONTEXT)
+            job.to_clients(encryptor, filter_type=filter_type.TASK_RESULT, tasks=[TASK_NAME])
+            job.to_clients(decryptor, filter_type=filter_type.TASK_DATA, tasks=[TASK_NAME])
+        # HE encrypts numpy arrays; without HE the trainer and the server exchange torch tensors
+        framework = FrameworkType.NUMPY if he else FrameworkType.PYTORCH
+        exchange = ExchangeFormat.NUMPY if he else ExchangeFormat.PYTORCH
         job.to_clients(
             ScriptRunner(
                 script=str(script),
                 script_args=shlex.join(client_args),
                 launch_external_process=cfg.nvflare.launch_external_process,
                 command=[python, "-u"],
-                framework=FrameworkType.PYTORCH,  # the trainer sees torch tensors
-                server_expected_format=ExchangeFormat.PYTORCH,  # so does the server (bf16-safe, no numpy)
+                framework=framework,  # the trainer sees torch tensors (numpy under HE)
+                server_expected_format=exchange,  # so does the server (bf16-safe, no numpy)
                 params_transfer_type=TransferType.FULL,
                 launch_timeout=cfg.nvflare.start_timeout_s,
             ),

@@ -43,8 +43,10 @@ ORG = "fedumm"
 STATUS_POLL_S = 2.0
 
 
-def project_yml(clients: Sequence[str], *, fl_port: int, admin_port: int) -> str:
-    """A POC project: one server on localhost, the clients, one project admin, default builders."""
+def project_yml(clients: Sequence[str], *, fl_port: int, admin_port: int, he: bool = False) -> str:
+    """A POC project: one server on localhost, the clients, one project admin, default builders
+    (with ``he``, FLARE's HEBuilder too: a CKKS context per participant, the server's without the
+    secret key, signed like every other startup file)."""
     lines = [
         "api_version: 3",
         f"name: {PROJECT}",
@@ -69,6 +71,7 @@ def project_yml(clients: Sequence[str], *, fl_port: int, admin_port: int) -> str
         "    args:",
         "      config_folder: config",
         "  - path: nvflare.lighter.impl.cert.CertBuilder",
+        *(["  - path: nvflare.lighter.impl.he.HEBuilder"] if he else []),
         "  - path: nvflare.lighter.impl.signature.SignatureBuilder",
     ]
     return "\n".join(lines) + "\n"
@@ -121,7 +124,13 @@ class PocBackend:
         env = self._env()
         proj = self.tmp / "project.yml"  # outside the POC workspace, as FLARE requires
         proj.write_text(
-            project_yml(self.clients, fl_port=nv.fl_port, admin_port=nv.admin_port), encoding="utf-8"
+            project_yml(
+                self.clients,
+                fl_port=nv.fl_port,
+                admin_port=nv.admin_port,
+                he=self.cfg.federation.secure_aggregation == "he",
+            ),
+            encoding="utf-8",
         )
         prep = self.procs.spawn(
             [sys.executable, "-m", "nvflare.cli", "poc", "prepare", "-i", str(proj), "--force"],
@@ -155,6 +164,17 @@ class PocBackend:
         except Exception as exc:
             raise EngineError(f"nvflare-poc: job submission failed: {exc}") from None
         log.info("nvflare-poc: job %s submitted", self.job_id)
+
+    def he_context_path(self) -> Path:
+        """A client's provisioned CKKS context (public and secret key), for the evaluating launcher."""
+        if self.prod is None:
+            raise EngineError("nvflare-poc: no provisioned system (secure aggregation needs one)")
+        from fedumm.engines.nvflare.he_names import CLIENT_CONTEXT
+
+        path = self.prod / self.clients[0] / "startup" / CLIENT_CONTEXT
+        if not path.is_file():
+            raise EngineError(f"nvflare-poc: {path} is missing; was the POC provisioned with HEBuilder?")
+        return path
 
     def _login(self, deadline: float) -> None:
         assert self.prod is not None

@@ -25,7 +25,7 @@ from fedumm.config import Config
 from fedumm.data.partition import load_partition
 from fedumm.engines.nvflare.job import build_job, group_map
 from fedumm.engines.nvflare.procs import ProcessSet
-from fedumm.engines.nvflare.results import ResultsReader, record_from_json
+from fedumm.engines.nvflare.results import ResultsReader, ServerRound, record_from_json
 from fedumm.errors import EngineError
 from fedumm.fl.strategies import Strategy
 from fedumm.progress import NullProgress, Progress
@@ -189,6 +189,8 @@ def _follow(
     nv = cfg.nvflare
     rounds = cfg.federation.rounds
     rnd = 1
+    initial = dict(state)
+    he_context = None  # secure aggregation: this process evaluates, so it decrypts with a client key
     # the server times rounds out itself; these limits only catch a FLARE that hangs or never starts
     limit = nv.start_timeout_s + nv.round_timeout_s + EXIT_GRACE_S
     last = time.monotonic()
@@ -200,6 +202,15 @@ def _follow(
             raise EngineError(f"{cfg.engine}: {err['message']}")
         got = reader.next_round(rnd)
         if got is not None:
+            if cfg.federation.secure_aggregation == "he":
+                from fedumm.engines.nvflare.he import decrypted_global, load_context
+
+                he_context = he_context or load_context(backend.he_context_path())
+                got = ServerRound(
+                    record=got.record,
+                    state=decrypted_global(he_context, got.state, initial),
+                    server_state=got.server_state,
+                )
             t_eval = time.perf_counter()
             metrics = dict(evaluate(got.state, rnd)) if evaluate else {}
             record = record_from_json(
