@@ -72,14 +72,16 @@ def test_he_on_the_poc_matches_plaintext_fedavg(tiny_config_tree, tmp_path, one_
     run_experiment(load_config(None, tree=_tree(tiny_config_tree, "inprocess", he=False)), ref_dir)
     summary = run_experiment(load_config(None, tree=_tree(tiny_config_tree, "nvflare-poc", he=True)), he_dir)
     assert summary.status == "finished"
-    worst = 0.0
+    diffs = []
     for rnd in (1, 2):
         ref = read_safetensors(ref_dir / "checkpoint" / f"round-{rnd:04d}.safetensors")
         got = read_safetensors(he_dir / "checkpoint" / f"round-{rnd:04d}.safetensors")
         assert sorted(ref) == sorted(got)
-        worst = max(worst, max(float((got[k].double() - ref[k].double()).abs().max()) for k in ref))
-    print(f"largest |HE on the POC - plaintext FedAvg|: {worst:.3g}")
-    assert worst < 1e-4
+        diffs.append(max(float((got[k].double() - ref[k].double()).abs().max()) for k in ref))
+    # round 1 is the CKKS error alone; in round 2 the clients also trained from a start point that
+    # differed by it, and local training amplifies the difference
+    print(f"largest |HE on the POC - plaintext FedAvg| per round: {', '.join(f'{d:.3g}' for d in diffs)}")
+    assert diffs[0] < 1e-5 and diffs[1] < 1e-4
     # what crossed the wire up was ciphertext: far larger than the fp32 delta
     plain = [json.loads(x) for x in (ref_dir / "metrics.jsonl").read_text().splitlines()]
     enc = [json.loads(x) for x in (he_dir / "metrics.jsonl").read_text().splitlines()]

@@ -139,8 +139,12 @@ class FlareRoundEngine:
         if rnd == 1:
             params = {k: v.detach().cpu().numpy() for k, v in global_state.items()}
         else:
-            params = dict(global_state)
-            meta[keys_key] = {k: isinstance(v, ts.CKKSVector) for k, v in params.items()}
+            # serialised, as FLARE's HEModelShareableGenerator sends them: a vector whose context has no
+            # secret key cannot be deep-copied for the broadcast; HEModelDecryptor deserialises bytes
+            params = {
+                k: v.serialize() if isinstance(v, ts.CKKSVector) else v for k, v in global_state.items()
+            }
+            meta[keys_key] = {k: isinstance(v, ts.CKKSVector) for k, v in global_state.items()}
             meta[algo_key] = ckks
         return FLModel(
             params_type=ParamsType.FULL,
