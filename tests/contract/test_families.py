@@ -26,11 +26,12 @@ def test_both_families_are_registered():
 
 @pytest.fixture(scope="session")
 def tiny_checkpoints(tmp_path_factory) -> dict:
-    return {name: family_class(name).write_tiny(tmp_path_factory.mktemp(f"{name}-tiny"), seed=0) for name in FAMILIES}
+    return {name: family_class(name).write_tiny(tmp_path_factory.mktemp(name), seed=0) for name in FAMILIES}
 
 
 def _load(name: str, checkpoints: dict, alignment: int = 0) -> ModelFamily:
-    return family_class(name).from_pretrained(checkpoints[name], options=FamilyOptions(alignment_tokens=alignment))
+    options = FamilyOptions(alignment_tokens=alignment)
+    return family_class(name).from_pretrained(checkpoints[name], options=options)
 
 
 def _samples(tiny_world, n: int = 4):
@@ -148,7 +149,7 @@ def test_counts_for_the_ledger(name, tiny_checkpoints):
 
 @pytest.mark.integration
 @pytest.mark.parametrize("name", FAMILIES)
-def test_one_round_federated_run_and_the_adapter_loads_with_peft(name, tiny_checkpoints, tiny_world, tmp_path):
+def test_one_round_run_and_peft_loads_the_adapter(name, tiny_checkpoints, tiny_world, tmp_path):
     from peft import PeftModel
 
     from fedumm.config import load_config

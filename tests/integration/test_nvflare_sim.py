@@ -140,6 +140,40 @@ def test_sim_matches_inprocess_with_generation_clients(tiny_config_tree, tmp_pat
         assert got["client_metrics"]["site-01"]["examples_vision"] == 0  # generation only
 
 
+@pytest.fixture(scope="module")
+def tiny_blip3o(tmp_path_factory):
+    from fedumm.models import family_class
+
+    return family_class("blip3o").write_tiny(tmp_path_factory.mktemp("blip3o-tiny"), seed=0)
+
+
+def test_sim_matches_inprocess_with_the_blip3o_family(tiny_config_tree, tiny_blip3o, tmp_path, one_thread):
+    """The second family under FLARE: LoRA on all three towers, the latent queries trained whole,
+    an alignment token, clients training both tasks; the same adapters and metrics as in process."""
+    base = copy.deepcopy(tiny_config_tree)
+    base["model"] = {"family": "blip3o", "path": str(tiny_blip3o)}
+    base["lora"] = {**base["lora"], "groups": ["vision", "language", "generation"], "alignment_tokens": 1}
+    base["federation"] = {**base["federation"], "tasks": "both"}
+    ref_dir, sim_dir = tmp_path / "inprocess", tmp_path / "sim"
+    run_experiment(load_config(None, tree=_tree(base, "inprocess")), ref_dir)
+    summary = run_experiment(load_config(None, tree=_tree(base, "nvflare-sim")), sim_dir)
+    assert summary.status == "finished" and summary.family == "blip3o"
+    assert leftover_flare_processes() == []
+    for rnd in (1, 2):
+        name = f"round-{rnd:04d}.safetensors"
+        ref = read_safetensors(ref_dir / "checkpoint" / name)
+        got = read_safetensors(sim_dir / "checkpoint" / name)
+        assert sorted(ref) == sorted(got)
+        assert any("latent_queries" in k for k in ref) and any(".dit." in k for k in ref)
+        for k in ref:
+            torch.testing.assert_close(got[k], ref[k], atol=ATOL, rtol=0, msg=f"round {rnd}: {k}")
+    for ref, got in zip(_rounds(ref_dir), _rounds(sim_dir), strict=True):
+        assert got["global"] == pytest.approx(ref["global"])
+        for c, m in ref["client_metrics"].items():
+            assert got["client_metrics"][c] == pytest.approx(m, abs=1e-4)
+        assert ref["global"]["flow_loss"] > 0  # the family's own generation loss, per round
+
+
 class _InterruptAfterRound:
     """A progress sink that acts like Ctrl-C right after round ``rnd`` has been recorded."""
 

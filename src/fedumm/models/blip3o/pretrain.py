@@ -107,7 +107,7 @@ def _siglip(model: Blip3oModel, vocab_size: int, pad_id: int):
         "eos_token_id": None,
     }
     siglip = SiglipModel(SiglipConfig(text_config=text, vision_config=vision))
-    siglip.vision_model = model.target_encoder.vision_model
+    siglip.vision_model = model.target_encoder
     return siglip
 
 

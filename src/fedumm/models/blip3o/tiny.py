@@ -172,15 +172,15 @@ def tiny_config(tokenizer: PreTrainedTokenizerFast) -> Blip3oConfig:
         "sample_size": 8,
         "patch_size": 1,
         "in_channels": feature_dim,
-        "hidden_size": hidden,
-        "num_layers": 4,
+        "hidden_size": 96,
+        "num_layers": 3,
         "num_attention_heads": 4,
         "num_kv_heads": 4,
-        "multiple_of": 64,
+        "multiple_of": 32,
         "norm_eps": 1e-5,
         "learn_sigma": False,
         "qk_norm": True,
-        "cross_attention_dim": hidden,  # after the caption projection from the language model's width
+        "cross_attention_dim": 96,  # the DiT's width: the caption projection maps the LM's onto it
     }
     target_encoder = {
         "hidden_size": feature_dim,
@@ -196,9 +196,9 @@ def tiny_config(tokenizer: PreTrainedTokenizerFast) -> Blip3oConfig:
         "in_channels": feature_dim,
         "out_channels": 3,
         "up_block_types": ["UpDecoderBlock2D"] * 4,  # 8x8 -> 64x64: three upsamplings
-        "block_out_channels": [32, 32, 64, 64],
-        "layers_per_block": 1,
-        "norm_num_groups": 16,
+        "block_out_channels": [16, 16, 32, 64],  # the 64x64 stage is the costly one: 16 channels
+        "layers_per_block": 0,  # one resnet per stage
+        "norm_num_groups": 8,
         "mid_block_add_attention": False,
     }
     return Blip3oConfig(
@@ -206,7 +206,7 @@ def tiny_config(tokenizer: PreTrainedTokenizerFast) -> Blip3oConfig:
         dit=dit,
         target_encoder=target_encoder,
         decoder=decoder,
-        n_query=64,
+        n_query=16,
         query_start_token_id=ids(QUERY_START),
         query_token_id=ids(QUERY),
     )
