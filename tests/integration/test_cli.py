@@ -161,3 +161,71 @@ def test_eval_geneval_on_ground_truth_renders(tmp_path):
     assert res.exit_code == 0, res.output
     out = json.loads(res.stdout)
     assert out["overall"] == 1.0 and len(out["tags"]) == 6
+
+
+def test_error_text_is_printed_as_given(tmp_path):
+    """A GenEval metadata error on line 100 says ':100:', not an emoji (rich's :100: code)."""
+    good = json.dumps(
+        {
+            "tag": "single_object",
+            "include": [{"class": "circle", "count": 1}],
+            "prompt": "a photo of a circle",
+        }
+    )
+    meta = tmp_path / "meta.jsonl"
+    meta.write_text("\n".join([good] * 99 + ['{"tag": "single_object", "prompt": [oops']) + "\n")
+    dets = tmp_path / "dets.jsonl"
+    dets.write_text("")
+    res = runner.invoke(app, ["eval", "geneval", "--metadata", str(meta), "--detections", str(dets)])
+    assert res.exit_code == 2
+    assert ":100:" in res.output and "\N{HUNDRED POINTS SYMBOL}" not in res.output
+    # markup in a message is text too
+    bad = tmp_path / "[bold]x[/bold].yaml"
+    res = runner.invoke(app, ["run", str(bad), "--out", str(tmp_path / "o")])
+    assert res.exit_code == 2 and "[bold]x[/bold].yaml" in res.output
+
+
+def test_tables_stay_readable_when_stdout_is_not_a_terminal(monkeypatch):
+    import io
+
+    from fedumm.cli import _Console, _summary_table
+    from fedumm.summary import RunSummary, SettingResult
+
+    monkeypatch.delenv("COLUMNS", raising=False)
+    row = SettingResult(
+        vqa_accuracy=41.25,
+        generation_loss=3.5,
+        geneval={
+            k: 11.1
+            for k in (
+                "overall",
+                "single_object",
+                "two_object",
+                "counting",
+                "colors",
+                "position",
+                "color_attr",
+            )
+        },
+    )
+    summary = RunSummary(name="demo", status="finished", zero_shot=row, centralized=row, federated=row)
+    buf = io.StringIO()
+    console = _Console(file=buf)
+    assert not console.is_terminal
+    console.print(_summary_table(summary, "image-token loss"))
+    text = buf.getvalue()
+    assert (
+        "VQA accuracy (test, %)" in text and "image-token loss (test)" in text and "GenEval overall" in text
+    )
+    assert max(len(line) for line in text.splitlines()) > 80  # wider than rich's default for a pipe
+
+
+def test_pyproject_license_is_an_spdx_expression():
+    """A TOML table for project.license makes setuptools warn on every install (PEP 639)."""
+    import tomllib
+    from pathlib import Path
+
+    project = tomllib.loads((Path(__file__).resolve().parents[2] / "pyproject.toml").read_text())
+    assert project["project"]["license"] == "Apache-2.0"
+    requires = project["build-system"]["requires"]
+    assert any(r.replace(" ", "").startswith("setuptools>=77") for r in requires)
