@@ -20,6 +20,8 @@ from pathlib import Path
 
 import psutil
 
+from fedumm.summary import RunSummary
+
 
 def tree_rss(proc: psutil.Process) -> int:
     """Resident memory of a process and all its descendants (bytes)."""
@@ -62,10 +64,10 @@ def run_engine(config: Path, engine: str, rounds: int, out: Path) -> dict:
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
         raise SystemExit(f"{engine} failed ({proc.returncode}): {proc.stderr.read()[-2000:]}")
-    summary = json.loads((run_dir / "summary.json").read_text())
+    summary = RunSummary.from_json(json.loads((run_dir / "summary.json").read_text()))
     rounds_ = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     per_round = [r["wall_time_s"] for r in rounds_]
-    fed_wall = summary["federated"]["wall_time_s"]
+    fed_wall = summary.federated.wall_time_s
     return {
         "engine": engine,
         "process_wall_s": wall,
@@ -74,9 +76,9 @@ def run_engine(config: Path, engine: str, rounds: int, out: Path) -> dict:
         "steady_round_s": sum(per_round[1:]) / max(1, len(per_round) - 1),
         "startup_s": fed_wall - sum(per_round),
         "peak_rss_tree_bytes": peak,
-        "peak_rss_launcher_bytes": summary["peak_rss_bytes"],
-        "federated_vqa_accuracy": summary["federated"]["vqa_accuracy"],
-        "bytes_up_per_round": summary["bytes_up_per_round"],
+        "peak_rss_launcher_bytes": summary.peak_rss_bytes,
+        "federated_vqa_accuracy": summary.federated.vqa_accuracy,
+        "bytes_up_per_round": summary.bytes_up_per_round,
     }
 
 

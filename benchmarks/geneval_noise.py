@@ -1,7 +1,8 @@
 """GenEval of a pretrained model against it with a fine-tuned adapter, over seeds and sampler settings.
 
 Usage: .venv/bin/python benchmarks/geneval_noise.py --adapter runs/demo/global_adapter
-           [--model DIR] [--per-tag 16] [--seeds 0 1] [--cfg 3 5] [--temperature 1.0 0.8]
+           [--family janus|blip3o] [--model DIR] [--per-tag 16] [--seeds 0 1] [--cfg 3 5]
+           [--temperature 1.0 0.8]
 
 One GenEval score is a single draw of a sampler. This script scores both models (the pretrained
 one exactly as shipped, without alignment tokens, as a run's zero-shot row; and the same model with
@@ -20,10 +21,11 @@ from pathlib import Path
 from statistics import mean
 
 from fedumm.eval.generation import GenerationEvalSpec, evaluate_generation, flat_metrics, load_prompts
-from fedumm.models.janus.family import JanusFamily
+from fedumm.models import load_family
+from fedumm.models.base import ModelFamily
 
 
-def _scores(family: JanusFamily, prompts, settings) -> tuple[list[dict[str, float]], dict[str, str]]:
+def _scores(family: ModelFamily, prompts, settings) -> tuple[list[dict[str, float]], dict[str, str]]:
     out = []
     classes_of = {p.index: {r.cls for r in p.include} for p in prompts}
     by_class: dict[str, list[int]] = {}  # class -> [correct, images], prompts naming one class only
@@ -52,7 +54,8 @@ def _summary(rows: list[dict[str, float]]) -> dict[str, float]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--adapter", type=Path, required=True, help="a run's global_adapter/ directory")
-    ap.add_argument("--model", type=Path, default=None, help="HF Janus dir (default: built-in)")
+    ap.add_argument("--family", default="janus", help="model family of the run (janus, blip3o)")
+    ap.add_argument("--model", type=Path, default=None, help="checkpoint dir (default: the built-in)")
     ap.add_argument("--per-tag", type=int, default=16)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--cfg", type=float, nargs="+", default=[3.0, 5.0])
@@ -61,7 +64,7 @@ def main() -> None:
     t0 = time.perf_counter()
     prompts = load_prompts(None, per_tag=args.per_tag)
     settings = list(itertools.product(args.seeds, args.cfg, args.temperature))
-    family = JanusFamily.from_pretrained(args.model)
+    family = load_family(args.family, args.model)
     print("pretrained (zero-shot)", flush=True)
     with family.pretrained_prompts():
         base, base_classes = _scores(family, prompts, settings)
