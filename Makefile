@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export PYTHONHASHSEED := 0
 
-.PHONY: install demo test test-fast lint world pretrain clean
+.PHONY: install demo demo-blip3o test test-fast lint world pretrain pretrain-blip3o clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -19,6 +19,9 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/fedumm run configs/demo.yaml --out runs/demo --overwrite
+
+demo-blip3o: $(STAMP)
+	$(VENV)/bin/fedumm run configs/demo_blip3o.yaml --out runs/demo-blip3o --overwrite
 
 test: $(STAMP)
 	$(PY) -m pytest -q
@@ -37,3 +40,6 @@ world: $(STAMP)
 
 pretrain: $(STAMP)
 	$(VENV)/bin/fedumm pretrain --data data/world
+
+pretrain-blip3o: $(STAMP)
+	$(VENV)/bin/fedumm pretrain --family blip3o --data data/world
