@@ -115,6 +115,12 @@ class DefenseConfig(_Strict):
         default="factors", description="robust rules on LoRA factors A, B or on the products B.A"
     )
 
+    @field_validator("norm_bound", mode="before")
+    @classmethod
+    def _yaml_off(cls, v: Any) -> Any:
+        # YAML 1.1 reads a bare `off` as false: `norm_bound: off` means "off"
+        return "off" if v is False else v
+
     @model_validator(mode="after")
     def _fixed(self) -> DefenseConfig:
         if self.norm_bound == "fixed" and self.norm_value is None:

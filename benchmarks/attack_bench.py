@@ -1,0 +1,208 @@
+"""The attack bench: attacks x defences, the privacy-utility curve, the cost of the default defences.
+
+Usage (each part is resumable: a cell whose summary.json says finished is read, not rerun):
+
+    .venv/bin/python benchmarks/attack_bench.py attacks configs/demo.yaml --out runs/bench-attacks
+    .venv/bin/python benchmarks/attack_bench.py privacy configs/demo.yaml --out runs/bench-privacy
+    .venv/bin/python benchmarks/attack_bench.py defaults configs/demo.yaml --out runs/bench-defaults
+
+- ``attacks``: federated test VQA (and attack success for ``backdoor``) for every attack kind x every
+  defence at K = 8 with 0, 1 and 2 malicious clients (``--clients``, ``--malicious`` to change);
+- ``privacy``: federated VQA against epsilon at K = 16, Poisson client sampling (q = 0.25), for no DP
+  and noise multipliers 0.3, 0.6, 1.0, 2.0 (``--noise``), C = ``--clip``;
+- ``defaults``: the demo as shipped (default defences: count bound, adaptive norm bound) against the
+  same run with every defence off, and the issue's attack (one of 4 clients sends a sign-flipped 50x
+  update claiming a billion examples) against both.
+
+GenEval and the baselines are off in every cell (``--keep-geneval`` keeps GenEval); ``--set`` adds
+overrides to every cell (e.g. a small world for a quick check). Each part writes ``<part>.md`` (a
+markdown table) and ``<part>.json`` in ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from fedumm.config import load_config
+from fedumm.experiment import run_experiment
+from fedumm.server.run_dir import RunDir
+
+KINDS = ("sign_flip", "scale", "gaussian", "free_rider", "label_flip", "backdoor")
+# attack strengths: scale is the issue's sign-flipped 50x update, gaussian a noise of 10x the honest norm
+STRENGTH = {"scale": -50.0, "gaussian": 10.0}
+OFF = ["federation.defense.count_cap=null", "federation.defense.norm_bound=off"]
+DEFENCES: dict[str, list[str]] = {
+    "none": OFF,
+    "default": [],
+    "median": [*OFF, "federation.defense.rule=median"],
+    "median (B·A)": [*OFF, "federation.defense.rule=median", "federation.defense.space=product"],
+    "trimmed_mean": [*OFF, "federation.defense.rule=trimmed_mean", "federation.defense.trim_fraction=0.25"],
+    "multi_krum": [*OFF, "federation.defense.rule=multi_krum", "federation.defense.krum_f=2"],
+    "multi_krum (B·A)": [
+        *OFF,
+        "federation.defense.rule=multi_krum",
+        "federation.defense.krum_f=2",
+        "federation.defense.space=product",
+    ],
+    "default + multi_krum": ["federation.defense.rule=multi_krum", "federation.defense.krum_f=2"],
+}
+QUIET = ["baselines.zero_shot=false", "baselines.centralized=false"]
+ISSUE_ATTACK = [
+    "adversary.clients=1",
+    "adversary.kind=scale",
+    "adversary.strength=-50",
+    "adversary.claimed_examples=1000000000",
+]
+
+
+def run_cell(config: Path, out: Path, overrides: Sequence[str]) -> dict:
+    """One run (or the finished one already in ``out``); returns the figures the tables need."""
+    summary = RunDir(out).read_summary() if (out / "summary.json").is_file() else None
+    t0 = time.perf_counter()
+    if summary is None or not summary.finished:
+        if (out / "metrics.jsonl").exists():
+            import shutil
+
+            shutil.rmtree(out)  # an unfinished cell starts again (its config may have changed)
+        summary = run_experiment(load_config(config, list(overrides)), out)
+    fed = summary.federated
+    rounds = RunDir(out).read_rounds()
+    events = [e for r in rounds for e in r.get("defense", [])]
+    return {
+        "vqa": fed.vqa_accuracy if fed else None,
+        "attack_success": fed.attack_success if fed else None,
+        "epsilon": summary.epsilon,
+        "noise_multiplier": summary.noise_multiplier,
+        "adversarial": list(summary.adversarial_clients),
+        "defence_events": len(events),
+        "flagged_attackers": sorted(
+            {
+                e["client"]
+                for e in events
+                if e["client"] in summary.adversarial_clients and e["action"] != "trimmed"
+            }
+        ),
+        "wall_s": round(time.perf_counter() - t0, 1),
+        "overrides": list(overrides),
+    }
+
+
+def _fmt(x, digits: int = 2) -> str:
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
+def part_attacks(args) -> tuple[list[dict], str]:
+    rows = []
+    base = [*QUIET, f"federation.clients={args.clients}", *args.set]
+    for defence in args.defences:
+        for m in args.malicious:
+            kinds = ["backdoor"] if m == 0 else args.kinds  # no attacker: one clean run per defence
+            for kind in kinds:
+                adv = [f"adversary.clients={m}", f"adversary.kind={kind}"]
+                if kind in STRENGTH:
+                    adv.append(f"adversary.strength={STRENGTH[kind]}")
+                name = f"{defence}-{kind if m else 'clean'}-m{m}".replace(" ", "_").replace("·", "")
+                res = run_cell(args.config, args.out / name, [*base, *DEFENCES[defence], *adv])
+                rows.append({"defence": defence, "kind": kind if m else "(none)", "malicious": m, **res})
+                print(
+                    f"{name}: VQA {_fmt(res['vqa'])}, attack success {_fmt(res['attack_success'])}",
+                    flush=True,
+                )
+    lines = [
+        f"| defence | attack | malicious of {args.clients} | federated VQA (%) | backdoor success (%) | "
+        "attackers flagged |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        success = _fmt(r["attack_success"]) if r["kind"] in ("backdoor", "(none)") else ""
+        flagged = ", ".join(r["flagged_attackers"]) or "-"
+        lines.append(
+            f"| {r['defence']} | {r['kind']} | {r['malicious']} | {_fmt(r['vqa'])} | {success} | {flagged} |"
+        )
+    return rows, "\n".join(lines)
+
+
+def part_privacy(args) -> tuple[list[dict], str]:
+    base = [
+        *QUIET,
+        f"federation.clients={args.clients_dp}",
+        "federation.sampling=poisson",
+        f"federation.sample_fraction={args.rate}",
+        *args.set,
+    ]
+    rows = [{"noise": None, **run_cell(args.config, args.out / "no-dp", base)}]
+    for z in args.noise:
+        dp = ["privacy.enabled=true", f"privacy.noise_multiplier={z}", f"privacy.clip_norm={args.clip}"]
+        rows.append({"noise": z, **run_cell(args.config, args.out / f"z{z}", [*base, *dp])})
+        print(f"z={z}: epsilon {_fmt(rows[-1]['epsilon'])}, VQA {_fmt(rows[-1]['vqa'])}", flush=True)
+    lines = [
+        "| noise multiplier z | epsilon (delta 1e-5) | federated VQA (%) | setting |",
+        "|---|---|---|---|",
+    ]
+    for r in rows:
+        z = "no DP" if r["noise"] is None else f"{r['noise']:g}"
+        eps = "inf" if r["noise"] is None else _fmt(r["epsilon"])
+        setting = f"K = {args.clients_dp}, Poisson q = {args.rate}, C = {args.clip}"
+        lines.append(f"| {z} | {eps} | {_fmt(r['vqa'])} | {setting} |")
+    return rows, "\n".join(lines)
+
+
+def part_defaults(args) -> tuple[list[dict], str]:
+    cells = {
+        "clean, default defences": [],
+        "clean, no defence": OFF,
+        "issue attack, default defences": ISSUE_ATTACK,
+        "issue attack, no defence": [*OFF, *ISSUE_ATTACK],
+    }
+    rows = []
+    extra = [] if args.keep_geneval else ["geneval.enabled=false"]
+    for label, ov in cells.items():
+        name = label.replace(", ", "-").replace(" ", "_")
+        res = run_cell(args.config, args.out / name, [*QUIET, *extra, *args.set, *ov])
+        rows.append({"cell": label, **res})
+        print(f"{label}: VQA {_fmt(res['vqa'])}", flush=True)
+    clean = rows[0]["vqa"]
+    lines = ["| run | federated VQA (%) | vs clean with default defences (points) |", "|---|---|---|"]
+    for r in rows:
+        diff = None if clean is None or r["vqa"] is None else r["vqa"] - clean
+        lines.append(f"| {r['cell']} | {_fmt(r['vqa'])} | {_fmt(diff)} |")
+    return rows, "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("part", choices=["attacks", "privacy", "defaults"])
+    ap.add_argument("config", type=Path)
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--clients", type=int, default=8, help="attacks: K")
+    ap.add_argument("--malicious", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS)
+    ap.add_argument("--defences", nargs="+", default=list(DEFENCES), choices=list(DEFENCES))
+    ap.add_argument("--clients-dp", type=int, default=16, help="privacy: K")
+    ap.add_argument("--rate", type=float, default=0.25, help="privacy: Poisson sample rate q")
+    ap.add_argument("--noise", type=float, nargs="+", default=[0.3, 0.6, 1.0, 2.0])
+    ap.add_argument("--clip", type=float, default=0.05, help="privacy: C, the clip norm of a client delta")
+    ap.add_argument("--keep-geneval", action="store_true", help="defaults: keep GenEval on")
+    ap.add_argument("--set", action="append", default=[], help="an override for every cell")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    if args.part != "defaults" and not args.keep_geneval:
+        args.set = ["geneval.enabled=false", *args.set]
+    args.out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    rows, table = {"attacks": part_attacks, "privacy": part_privacy, "defaults": part_defaults}[args.part](
+        args
+    )
+    (args.out / f"{args.part}.json").write_text(json.dumps(rows, indent=1), encoding="utf-8")
+    (args.out / f"{args.part}.md").write_text(table + "\n", encoding="utf-8")
+    print(table)
+    print(f"{args.part}: {len(rows)} cells, {time.perf_counter() - t0:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
