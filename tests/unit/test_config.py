@@ -118,3 +118,34 @@ def test_generation_clients_need_a_language_or_generation_adapter():
     tree["lora"] = {"groups": ["vision"]}
     with pytest.raises(ConfigError, match="generation clients need LoRA"):
         load_config(None, tree=tree)
+
+
+def test_the_family_is_registered_and_names_the_towers():
+    with pytest.raises(
+        ConfigError, match=r"model.family: unknown model family 'blip3' \(did you mean 'blip3o'\?\)"
+    ):
+        load_config(None, ["model.family=blip3"], tree=_tree())
+    cfg = load_config(
+        None, ["model.family=blip3o", "lora.groups=[vision, language, generation]"], tree=_tree()
+    )
+    assert cfg.model.family == "blip3o" and cfg.model.prompt_template is None  # the family's own prompt
+    with pytest.raises(
+        ConfigError, match="family 'blip3o' has no tower 'dit'; its towers: vision, language, generation"
+    ):
+        load_config(None, ["model.family=blip3o", "lora.groups=[dit]"], tree=_tree())
+    with pytest.raises(ConfigError, match="group_strategies: family 'janus' has no adapter group 'audio'"):
+        load_config(None, ["federation.group_strategies={audio: fedavg}"], tree=_tree())
+    cfg = load_config(None, ["federation.group_strategies={alignment: fedavg}"], tree=_tree())
+    assert cfg.federation.group_strategies == {"alignment": "fedavg"}
+
+
+def test_understanding_clients_need_an_adapter_their_task_reaches():
+    with pytest.raises(
+        ConfigError,
+        match=r"understanding clients need LoRA on one of the janus towers \['vision', 'language'\]",
+    ):
+        load_config(None, ["lora.groups=[generation]"], tree=_tree(tasks="understanding"))
+    # the message of a check across sections does not echo the whole config back
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["lora.groups=[generation]"], tree=_tree(tasks="understanding"))
+    assert "(got" not in str(err.value) and "(top level)" not in str(err.value)
