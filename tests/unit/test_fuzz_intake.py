@@ -113,7 +113,13 @@ def intake(payload: bytes, tmp_path) -> ClientUpdate | None:
     return u
 
 
-@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+@settings(
+    max_examples=EXAMPLES,
+    deadline=None,
+    suppress_health_check=list(HealthCheck),
+    derandomize=True,
+    database=None,
+)
 @given(payload=payloads())
 def test_intake_never_crashes_never_accepts_malformed_never_corrupts_checkpoints(payload, tmp_path_factory):
     run = RunDir(tmp_path_factory.mktemp("fuzz", numbered=True))
