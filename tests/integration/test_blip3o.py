@@ -24,7 +24,7 @@ TINY_STEPS = {
     "max_eval_questions": 8,
     "gate_images": 4,
 }
-NO_GATES = {"min_round_trip_shape": 0.0, "min_round_trip_colour": 0.0, "min_generated_colour": 0.0}
+NO_GATES = {"min_round_trip_shape": 0.0, "min_round_trip_colour": 0.0, "min_generated_colour_large": 0.0}
 
 
 def test_pretrain_runs_every_phase_and_saves_a_loadable_checkpoint(tiny_world, tmp_path):
@@ -39,6 +39,8 @@ def test_pretrain_runs_every_phase_and_saves_a_loadable_checkpoint(tiny_world, t
         "round_trip_shape",
         "round_trip_colour",
         "generated_colour",
+        "generated_colour_large",
+        "generated_colour_small",
         "generated_shape",
     }
     assert report["gates_passed"] is True
