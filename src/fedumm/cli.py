@@ -480,30 +480,64 @@ def generate(
 
 @app.command()
 def comm(
-    model_config: Annotated[Path, typer.Option("--model-config", help="Hugging Face config.json")],
+    model_config: Annotated[
+        Path, typer.Option("--model-config", help="Hugging Face config.json (or a diffusers model config)")
+    ],
     lora_r: Annotated[int, typer.Option("--lora-r", help="LoRA rank")] = 16,
     targets: Annotated[
-        str, typer.Option(help="comma-separated module names")
-    ] = "q_proj,k_proj,v_proj,o_proj",
+        str | None,
+        typer.Option(
+            help="comma-separated module names (default q_proj,k_proj,v_proj,o_proj; "
+            "with --family: each tower's own)"
+        ),
+    ] = None,
     towers: Annotated[
         str | None, typer.Option(help="regex of module names to adapt, e.g. language_model")
     ] = None,
+    family: Annotated[
+        str | None,
+        typer.Option("--family", help="count every tower of this family (janus, blip3o) and each task"),
+    ] = None,
+    dit_config: Annotated[
+        Path | None,
+        typer.Option("--dit-config", help="with --family blip3o: the DiT's diffusers config"),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON only")] = False,
 ) -> None:
-    """Count LoRA vs full-model parameters and bytes from a HF config on the meta device (no weights)."""
-    _setup_logging(False)
-    from fedumm.comm import count_lora
+    """Count LoRA vs full-model parameters and bytes from configs on the meta device (no weights).
 
+    With --family, every tower of the family is counted as the family adapts it, and the bytes per
+    round of a client training each task (and both) are printed.
+    """
+    _setup_logging(False)
+    from fedumm.comm import count_family, count_lora
+
+    names = [t for t in targets.split(",") if t] if targets is not None else None
     try:
-        result = count_lora(
-            model_config, rank=lora_r, targets=[t for t in targets.split(",") if t], towers=towers
-        )
+        if family is None:
+            if dit_config is not None:
+                raise ConfigError("--dit-config needs --family (the family that mounts the DiT)")
+            result = count_lora(
+                model_config,
+                rank=lora_r,
+                targets=names if names is not None else ["q_proj", "k_proj", "v_proj", "o_proj"],
+                towers=towers,
+            )
+        else:
+            if towers is not None:
+                raise ConfigError("--towers is for a single config; --family counts every tower")
+            result = count_family(
+                family, model_config=model_config, generator_config=dit_config, rank=lora_r, targets=names
+            )
     except FedummError as exc:
         _fail(exc)
     if as_json:
         sys.stdout.write(json.dumps(result) + "\n")
         return
-    t = Table(title=f"{result['architecture']} LoRA r={lora_r} on {targets}")
+    if family is not None:
+        _print_family_comm(result)
+        return
+    t = Table(title=f"{result['architecture']} LoRA r={lora_r} on {','.join(result['targets'])}")
     for col in ("", "params", "fp32 GB", "bf16 GB"):
         t.add_column(col, justify="right")
     for kind in ("full", "lora"):
@@ -517,6 +551,43 @@ def comm(
     out_console.print(
         f"LoRA is {result['lora_percent']:.3f}% of the model: "
         f"{result['reduction_percent']:.2f}% less per round"
+    )
+
+
+def _print_family_comm(result: dict) -> None:
+    """Tables of ``fedumm comm --family``: one row per tower, then one per task."""
+    archs = " + ".join(result["architectures"].values())
+    t = Table(title=f"{result['family']} ({archs}) LoRA r={result['rank']}, per tower")
+    for col in ("tower", "LoRA targets", "modules", "LoRA params", "whole params", "fp32 MB", "bf16 MB"):
+        t.add_column(col, justify="left" if col in ("tower", "LoRA targets") else "right")
+    for name, row in result["towers"].items():
+        whole = f"{row['whole_params']:,} ({', '.join(row['whole'])})" if row["whole"] else "0"
+        t.add_row(
+            name,
+            ",".join(row["targets"]),
+            str(row["lora_modules"]),
+            f"{row['lora_params']:,}",
+            whole,
+            f"{row['bytes_fp32'] / 1e6:.2f}",
+            f"{row['bytes_bf16'] / 1e6:.2f}",
+        )
+    out_console.print(t)
+    t = Table(title="per round, one client, one direction")
+    for col in ("client trains", "towers", "params", "fp32 MB", "bf16 MB", "% of model"):
+        t.add_column(col, justify="left" if col in ("client trains", "towers") else "right")
+    for task, row in result["tasks"].items():
+        t.add_row(
+            "both tasks" if task == "both" else task,
+            "+".join(row["towers"]),
+            f"{row['params']:,}",
+            f"{row['bytes_fp32'] / 1e6:.2f}",
+            f"{row['bytes_bf16'] / 1e6:.2f}",
+            f"{row['percent_of_full']:.3f}",
+        )
+    out_console.print(t)
+    out_console.print(
+        f"full model: {result['full_params']:,} parameters, "
+        f"{result['full_bytes_fp32'] / 1e9:.2f} GB fp32, {result['full_bytes_bf16'] / 1e9:.2f} GB bf16"
     )
 
 
