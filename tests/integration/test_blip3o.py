@@ -114,3 +114,28 @@ def test_checkpoint_loads_strictly(tmp_path):
         cls.from_pretrained(ckpt)
     with pytest.raises(ConfigError, match="holds no BLIP3o checkpoint"):
         cls.from_pretrained(tmp_path / "nowhere")
+
+
+def test_the_shipped_checkpoint_is_what_the_command_builds_and_passed_its_gates():
+    from dataclasses import asdict
+
+    from fedumm.models import load_family
+    from fedumm.models.blip3o.family import BUILTIN_PATH
+    from fedumm.models.blip3o.pretrain import PretrainSpec
+
+    weights = BUILTIN_PATH / "model.safetensors"
+    assert weights.stat().st_size <= 25 * 2**20
+    report = json.loads((BUILTIN_PATH / "pretrain_report.json").read_text())
+    # the report's settings are today's defaults: `fedumm pretrain --family blip3o` rebuilds it
+    assert report["spec"] == asdict(PretrainSpec())
+    assert report["gates_passed"] is True
+    spec = report["spec"]
+    assert report["gates"]["round_trip_shape"] >= spec["min_round_trip_shape"]
+    assert report["gates"]["round_trip_colour"] >= spec["min_round_trip_colour"]
+    assert report["gates"]["generated_colour_large"] >= spec["min_generated_colour_large"]
+    assert report["encoder"]["steps"] == spec["encoder_steps"]
+    assert report["joint"]["steps"] == spec["joint_steps"]
+    family = load_family("blip3o", None)
+    assert sum(p.numel() for p in family.base.parameters()) == report["num_parameters"]
+    (image,) = family.generate(["a large red shape."], images_per_prompt=1)
+    assert image.size == (64, 64)
