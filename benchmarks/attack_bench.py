@@ -29,6 +29,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from fedumm.config import load_config
+from fedumm.errors import EngineError
 from fedumm.experiment import run_experiment
 from fedumm.server.run_dir import RunDir
 
@@ -69,7 +70,21 @@ def run_cell(config: Path, out: Path, overrides: Sequence[str]) -> dict:
             import shutil
 
             shutil.rmtree(out)  # an unfinished cell starts again (its config may have changed)
-        summary = run_experiment(load_config(config, list(overrides)), out)
+        try:
+            summary = run_experiment(load_config(config, list(overrides)), out)
+        except EngineError as exc:  # e.g. every update non-finite: the federation broke down
+            return {
+                "vqa": None,
+                "attack_success": None,
+                "epsilon": None,
+                "noise_multiplier": None,
+                "adversarial": [],
+                "defence_events": None,
+                "flagged_attackers": [],
+                "failed": str(exc),
+                "wall_s": round(time.perf_counter() - t0, 1),
+                "overrides": list(overrides),
+            }
     fed = summary.federated
     rounds = RunDir(out).read_rounds()
     events = [e for r in rounds for e in r.get("defense", [])]
@@ -96,6 +111,13 @@ def _fmt(x, digits: int = 2) -> str:
     return "-" if x is None else f"{x:.{digits}f}"
 
 
+def _vqa(row: dict) -> str:
+    """The federated VQA of a cell, or why the run produced none."""
+    if row.get("failed"):
+        return f"run failed: {row['failed']}"
+    return _fmt(row["vqa"])
+
+
 def part_attacks(args) -> tuple[list[dict], str]:
     rows = []
     base = [*QUIET, f"federation.clients={args.clients}", *args.set]
@@ -110,7 +132,7 @@ def part_attacks(args) -> tuple[list[dict], str]:
                 res = run_cell(args.config, args.out / name, [*base, *DEFENCES[defence], *adv])
                 rows.append({"defence": defence, "kind": kind if m else "(none)", "malicious": m, **res})
                 print(
-                    f"{name}: VQA {_fmt(res['vqa'])}, attack success {_fmt(res['attack_success'])}",
+                    f"{name}: VQA {_vqa(res)}, attack success {_fmt(res['attack_success'])}",
                     flush=True,
                 )
     lines = [
@@ -122,7 +144,7 @@ def part_attacks(args) -> tuple[list[dict], str]:
         success = _fmt(r["attack_success"]) if r["kind"] in ("backdoor", "(none)") else ""
         flagged = ", ".join(r["flagged_attackers"]) or "-"
         lines.append(
-            f"| {r['defence']} | {r['kind']} | {r['malicious']} | {_fmt(r['vqa'])} | {success} | {flagged} |"
+            f"| {r['defence']} | {r['kind']} | {r['malicious']} | {_vqa(r)} | {success} | {flagged} |"
         )
     return rows, "\n".join(lines)
 
@@ -139,7 +161,7 @@ def part_privacy(args) -> tuple[list[dict], str]:
     for z in args.noise:
         dp = ["privacy.enabled=true", f"privacy.noise_multiplier={z}", f"privacy.clip_norm={args.clip}"]
         rows.append({"noise": z, **run_cell(args.config, args.out / f"z{z}", [*base, *dp])})
-        print(f"z={z}: epsilon {_fmt(rows[-1]['epsilon'])}, VQA {_fmt(rows[-1]['vqa'])}", flush=True)
+        print(f"z={z}: epsilon {_fmt(rows[-1]['epsilon'])}, VQA {_vqa(rows[-1])}", flush=True)
     lines = [
         "| noise multiplier z | epsilon (delta 1e-5) | federated VQA (%) | setting |",
         "|---|---|---|---|",
@@ -148,7 +170,7 @@ def part_privacy(args) -> tuple[list[dict], str]:
         z = "no DP" if r["noise"] is None else f"{r['noise']:g}"
         eps = "inf" if r["noise"] is None else _fmt(r["epsilon"])
         setting = f"K = {args.clients_dp}, Poisson q = {args.rate}, C = {args.clip}"
-        lines.append(f"| {z} | {eps} | {_fmt(r['vqa'])} | {setting} |")
+        lines.append(f"| {z} | {eps} | {_vqa(r)} | {setting} |")
     return rows, "\n".join(lines)
 
 
@@ -165,12 +187,12 @@ def part_defaults(args) -> tuple[list[dict], str]:
         name = label.replace(", ", "-").replace(" ", "_")
         res = run_cell(args.config, args.out / name, [*QUIET, *extra, *args.set, *ov])
         rows.append({"cell": label, **res})
-        print(f"{label}: VQA {_fmt(res['vqa'])}", flush=True)
+        print(f"{label}: VQA {_vqa(res)}", flush=True)
     clean = rows[0]["vqa"]
     lines = ["| run | federated VQA (%) | vs clean with default defences (points) |", "|---|---|---|"]
     for r in rows:
         diff = None if clean is None or r["vqa"] is None else r["vqa"] - clean
-        lines.append(f"| {r['cell']} | {_fmt(r['vqa'])} | {_fmt(diff)} |")
+        lines.append(f"| {r['cell']} | {_vqa(r)} | {_fmt(diff)} |")
     return rows, "\n".join(lines)
 
 
