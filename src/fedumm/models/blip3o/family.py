@@ -57,6 +57,7 @@ class Blip3oFamily(ModelFamily):
         device: torch.device | str = "cpu",
         alignment_tokens: int = 0,
         sampling_steps: int = SAMPLING_STEPS,
+        generation_template: str = "{text}",
     ) -> None:
         if "{question}" not in prompt_template:
             raise ConfigError(f"model.prompt_template must contain '{{question}}', got {prompt_template!r}")
@@ -70,6 +71,9 @@ class Blip3oFamily(ModelFamily):
         self.max_answer_tokens = max_answer_tokens
         self.device = torch.device(device)
         self.sampling_steps = sampling_steps
+        if "{text}" not in generation_template:
+            raise ConfigError(f"the generation template must contain '{{text}}', got {generation_template!r}")
+        self.generation_template = generation_template
         self.images = ImageCache()
         self._patches: dict[Path, tuple[torch.Tensor, torch.Tensor]] = {}  # understanding inputs per image
         self._features: dict[Path, torch.Tensor] = {}  # frozen target features per training image
@@ -111,6 +115,10 @@ class Blip3oFamily(ModelFamily):
         """Load a fedumm BLIP3o checkpoint directory (None: the built-in tiny one); no downloads."""
         options = options or FamilyOptions()
         path = Path(path) if path else BUILTIN_PATH
+        from fedumm.models.blip3o import layout
+
+        if layout.is_released_layout(path):
+            return cls._from_released(path, options)
         if not (path / "config.json").is_file():
             hint = " (run `fedumm pretrain --family blip3o` to build it)" if path == BUILTIN_PATH else ""
             raise ConfigError(
@@ -133,8 +141,34 @@ class Blip3oFamily(ModelFamily):
             alignment_tokens=options.alignment_tokens,
         )
 
+    @classmethod
+    def _from_released(cls, path: Path, options: FamilyOptions) -> Blip3oFamily:
+        """A released BLIP3o-Model-4B/8B directory, read in place (see :mod:`.layout`): BLIP3o's chat
+        prompts, its 30 sampling steps; the site's target encoder and decoder from ``fedumm_site.json``
+        or ``options.extra`` (``target_encoder``, ``decoder``)."""
+        from fedumm.models.blip3o import layout
+
+        model, tokenizer, image_processor = layout.load_released(path, options.extra)
+        model.to(options.device)
+        model.eval()
+        return cls(
+            model=model,
+            tokenizer=tokenizer,
+            image_processor=image_processor,
+            device=options.device,
+            prompt_template=options.prompt_template or layout.VQA_TEMPLATE,
+            max_answer_tokens=options.max_answer_tokens,
+            alignment_tokens=options.alignment_tokens,
+            sampling_steps=layout.SAMPLING_STEPS,
+            generation_template=layout.GENERATION_TEMPLATE,
+        )
+
     def save_pretrained(self, out_dir: str | Path) -> None:
         """The backbone-only checkpoint (no adapter): config, weights, tokenizer, image processor."""
+        if not isinstance(self.base, Blip3oModel):
+            raise ConfigError(
+                "a released BLIP3o-Model checkpoint is read in place; fedumm does not re-save it"
+            )
         self.base.save(out_dir)
         self.tokenizer.save_pretrained(str(out_dir))
         self.image_processor.save_pretrained(str(out_dir))
@@ -260,7 +294,8 @@ class Blip3oFamily(ModelFamily):
     # ---- generation (text -> image features -> pixels) -----------------------------------------------
     def generation_prompt(self, text: str) -> str:
         """The text a caption or GenEval prompt becomes (alignment tokens last, before the queries)."""
-        return f"{text} {''.join(self.alignment)}" if self.alignment else text
+        body = f"{text} {''.join(self.alignment)}" if self.alignment else text
+        return self.generation_template.format(text=body)
 
     def _query_ids(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Left-padded prompt + query-start + query slots: (ids (B, T), attention mask (B, T))."""
@@ -278,11 +313,14 @@ class Blip3oFamily(ModelFamily):
         """(N, C, h, w) standardised features of the frozen target encoder, cached per image file."""
         todo = [p for p in dict.fromkeys(Path(p) for p in paths) if p not in self._features]
         if todo:
+            encoder = self.base.target_encoder
+            if encoder is None:  # a released checkpoint whose site provides none: encode_features says so
+                self.base.encode_features(torch.zeros(0))
             pixels = G.pixels_from_images([self.images.get(p) for p in todo]).to(self.device)
-            was = self.base.target_encoder.training
-            self.base.target_encoder.eval()
+            was = encoder.training
+            encoder.eval()
             feats = self.base.encode_features(pixels).cpu()
-            self.base.target_encoder.train(was)
+            encoder.train(was)
             self._features.update(zip(todo, feats, strict=True))
         return torch.stack([self._features[Path(p)] for p in paths]).to(self.device)
 
@@ -303,6 +341,35 @@ class Blip3oFamily(ModelFamily):
         return G.flow_loss(self.base, condition, batch)
 
     @torch.no_grad()
+    def generate_features(
+        self,
+        prompts: Sequence[str],
+        *,
+        images_per_prompt: int = 4,
+        guidance_scale: float = 3.0,
+        temperature: float = 1.0,
+        seed: int = 0,
+    ) -> torch.Tensor:
+        """Sampled image features (N, C, h, w) for ``prompts`` (prompt-major order): seeded Euler steps
+        with classifier-free guidance; ``temperature`` scales the initial noise. No decoder needed."""
+        net = self.base
+        was_training = net.training
+        net.eval()
+        try:
+            ids, mask = self._query_ids(list(prompts))
+            condition = G.condition(net, ids, mask)  # (P, n_query, hidden)
+            return G.sample(
+                net,
+                condition.repeat_interleave(images_per_prompt, dim=0),
+                steps=self.sampling_steps,
+                guidance_scale=guidance_scale,
+                temperature=temperature,
+                seed=seed,
+            )
+        finally:
+            net.train(was_training)
+
+    @torch.no_grad()
     def generate(
         self,
         prompts: Sequence[str],
@@ -312,22 +379,19 @@ class Blip3oFamily(ModelFamily):
         temperature: float = 1.0,
         seed: int = 0,
     ) -> list[Image.Image]:
-        """Sample images for ``prompts`` (prompt-major order): seeded Euler steps with classifier-free
-        guidance; ``temperature`` scales the initial noise."""
+        """Sample images for ``prompts`` (prompt-major order): the features of
+        :meth:`generate_features`, decoded to pixels."""
+        features = self.generate_features(
+            prompts,
+            images_per_prompt=images_per_prompt,
+            guidance_scale=guidance_scale,
+            temperature=temperature,
+            seed=seed,
+        )
         net = self.base
         was_training = net.training
         net.eval()
         try:
-            ids, mask = self._query_ids(list(prompts))
-            condition = G.condition(net, ids, mask)  # (P, n_query, hidden)
-            features = G.sample(
-                net,
-                condition.repeat_interleave(images_per_prompt, dim=0),
-                steps=self.sampling_steps,
-                guidance_scale=guidance_scale,
-                temperature=temperature,
-                seed=seed,
-            )
             pixels = net.decode_features(features)
         finally:
             net.train(was_training)
