@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from PIL import Image
-from transformers import GenerationConfig, JanusForConditionalGeneration, JanusProcessor
+from transformers import AutoTokenizer, GenerationConfig, JanusForConditionalGeneration, JanusProcessor
 
 from fedumm.errors import ConfigError
 from fedumm.models.base import FamilyOptions, ModelFamily
@@ -29,6 +29,24 @@ log = logging.getLogger(__name__)
 __all__ = ["JanusFamily", "BUILTIN_PATH"]
 
 BUILTIN_PATH = Path(__file__).resolve().parents[2] / "assets" / "janus-tiny"
+
+
+def _check_loading_info(path: Path, info: Mapping[str, Any]) -> None:
+    """One ConfigError line unless every stored tensor filled a parameter and none is left unset."""
+    problems = []
+    for what, keys in (("missing", info.get("missing_keys")), ("unexpected", info.get("unexpected_keys"))):
+        keys = sorted(keys or ())
+        if keys:
+            problems.append(f"{len(keys)} {what} tensor(s), e.g. {keys[0]!r}")
+    mismatched = sorted(info.get("mismatched_keys") or ())
+    if mismatched:
+        problems.append(f"{len(mismatched)} tensor(s) of the wrong shape, e.g. {mismatched[0][0]!r}")
+    if info.get("error_msgs"):
+        problems.append(str(info["error_msgs"][0]).splitlines()[0])
+    if problems:
+        raise ConfigError(
+            f"model.path {str(path)!r}: the weights do not match config.json: {'; '.join(problems)}"
+        )
 
 
 class JanusFamily(ModelFamily):
@@ -102,7 +120,14 @@ class JanusFamily(ModelFamily):
     def from_pretrained(
         cls, path: str | Path | None = None, *, options: FamilyOptions | None = None
     ) -> JanusFamily:
-        """Load a local HF Janus directory (None: the built-in tiny checkpoint); no downloads."""
+        """Load a local HF Janus directory (None: the built-in tiny checkpoint); no downloads.
+
+        The directory is checked first (:func:`.layout.check_directory`: config, tied or separate
+        output head, generation_config.json's begin-of-image id, tokenizer and processor files), then
+        loaded strictly: every stored tensor must fill a parameter and every parameter must be stored.
+        """
+        from fedumm.models.janus.layout import check_directory, check_tokens
+
         options = options or FamilyOptions()
         path = Path(path) if path else BUILTIN_PATH
         if not (path / "config.json").is_file():
@@ -110,8 +135,34 @@ class JanusFamily(ModelFamily):
                 " (run `fedumm pretrain` to rebuild the built-in checkpoint)" if path == BUILTIN_PATH else ""
             )
             raise ConfigError(f"model.path {str(path)!r} holds no HF checkpoint (config.json missing){hint}")
-        model = JanusForConditionalGeneration.from_pretrained(path, local_files_only=True)
+        found = check_directory(path)
+        try:
+            model, info = JanusForConditionalGeneration.from_pretrained(
+                path, local_files_only=True, output_loading_info=True, **found.config_overrides
+            )
+        except (OSError, ValueError, RuntimeError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ConfigError(f"model.path {str(path)!r}: transformers cannot load it ({first})") from None
+        _check_loading_info(path, info)
+        head, embed = model.lm_head.weight, model.model.language_model.embed_tokens.weight
+        tied = head is embed or head.data_ptr() == embed.data_ptr()
+        if tied == found.separate_lm_head:
+            raise ConfigError(
+                f"{path / 'config.json'}: the model was built {'tied' if tied else 'untied'} but the weights"
+                f" {'hold' if found.separate_lm_head else 'lack'} lm_head.weight"
+            )
+        # the tokenizer's special tokens first: JanusProcessor itself fails on a missing one
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        except (OSError, ValueError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ConfigError(f"model.path {str(path)!r}: the tokenizer cannot be loaded ({first})") from None
+        boi = check_tokens(path, tokenizer, model.config.text_config.vocab_size, found.boi_token_id)
         processor = JanusProcessor.from_pretrained(path, local_files_only=True)
+        # transformers' image generation reads it from here; a file derived from the model config
+        # (fedumm's own tiny checkpoints) carries none, so the tokenizer's begin-of-image token fills it
+        gen_kwargs = dict(getattr(model.generation_config, "generation_kwargs", None) or {})
+        model.generation_config.generation_kwargs = gen_kwargs | {"boi_token_id": boi}
         model.to(options.device)
         model.eval()
         return cls(

@@ -584,6 +584,9 @@ def generate_images(
     check_generation_config(janus)
     device = _device(janus)
     bos, boi, pad = _special_ids(processor)
+    # the begin-of-image id transformers' image generation masks around: generation_config.json's
+    # (``JanusFamily.from_pretrained`` checked it is the tokenizer's), else the tokenizer's
+    boi = int((getattr(janus.generation_config, "generation_kwargs", None) or {}).get("boi_token_id", boi))
     enc = processor(text=list(prompts), generation_mode="image", return_tensors="pt", padding=True)
     sample = temperature > 0.0
     config = GenerationConfig(

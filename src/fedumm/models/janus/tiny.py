@@ -123,7 +123,7 @@ def build_tiny_janus(
         pad_token_id=ids("<pad>"),
         bos_token_id=ids("<bos>"),
         eos_token_id=ids("<eos>"),
-        tie_word_embeddings=False,
+        tie_word_embeddings=True,  # what the model does: see the JanusConfig below
     )
     vision = JanusVisionConfig(
         hidden_size=96,
@@ -150,7 +150,14 @@ def build_tiny_janus(
         num_hidden_layers=2,
         num_patches=side,
     )
+    # the output head is the embedding matrix (lm_head tied to embed_tokens, stored once). JanusConfig's
+    # top-level tie_word_embeddings (default true) is what transformers applies; the text config says
+    # the same so that each config states what the model does
     config = JanusConfig(
-        text_config=text, vision_config=vision, vq_config=vq, image_token_id=ids("<image_placeholder>")
+        text_config=text,
+        vision_config=vision,
+        vq_config=vq,
+        image_token_id=ids("<image_placeholder>"),
+        tie_word_embeddings=True,
     )
     return JanusForConditionalGeneration(config)
