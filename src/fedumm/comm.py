@@ -259,10 +259,10 @@ class Mount:
 
 # Each family's module tree (see its models/<family>/model.py or the transformers class it wraps).
 FAMILY_MOUNTS: dict[str, Mount] = {
-    # backbone = Qwen2_5_VLForConditionalGeneration, dit = caption projection + Lumina-Next DiT,
-    # latent_queries = the query tokens (nn.Embedding(n_query, hidden))
+    # backbone = the Hugging Face backbone, dit = caption projection + DiT (from --dit-config),
+    # latent_queries = the query tokens (n_query x hidden)
     "blip3o": Mount(backbone="backbone", generator="dit"),
-    # JanusForConditionalGeneration itself (model.vision_model, model.language_model, ...)
+    # the Hugging Face model itself, as the family wraps it (model.vision_model, model.language_model, ...)
     "janus": Mount(),
 }
 
