@@ -9,7 +9,7 @@ import os
 import re
 import statistics
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -25,6 +25,7 @@ __all__ = ["RunResult", "collect", "write_report"]
 
 _SWEEP_INDEX = "sweep.json"
 _GRID_AXES = ("federation.clients", "federation.alpha", "federation.strategy", "seed")
+_FAMILY_AXIS = "model.family"
 _NO_GENEVAL = "No GenEval results in these runs (no `geneval` entry in their summary.json)."
 
 
@@ -35,6 +36,7 @@ class RunResult:
     path: Path
     name: str
     strategy: str
+    family: str
     clients: int
     alpha: float
     seed: int
@@ -55,6 +57,8 @@ class RunResult:
     geneval: dict | None
     wall_time_s: float | None
     geneval_baselines: dict = field(default_factory=dict)  # "zero-shot" / "centralized" -> GenEval
+    # the variant without the model family: runs that differ only in their family pair up side by side
+    base_variant: str = ""
 
     @property
     def finished(self) -> bool:
@@ -97,13 +101,21 @@ def _geneval(entry: SettingResult | None) -> dict | None:
     return {"overall": entry.geneval_overall / 100.0, "tags": tags}
 
 
-def _load_run(path: Path, *, baselines: RunSummary | None, source: Path | None, variant: str) -> RunResult:
+def _load_run(
+    path: Path,
+    *,
+    baselines: RunSummary | None,
+    source: Path | None,
+    variant: str,
+    base_variant: str = "",
+) -> RunResult:
     summary = _summary(path / "summary.json")
     cfg_path = path / "config.yaml"
     if not cfg_path.is_file():
         raise DataError(f"{path}: config.yaml missing (not a fedumm run directory)")
     cfg = read_yaml_mapping(cfg_path, "run config", error=DataError)
     fed = cfg.get("federation") or {}
+    model = cfg.get("model") or {}
     rounds = _read_rounds(path / "metrics.jsonl")
     base = summary if baselines is None else baselines
     per_client = [
@@ -120,6 +132,7 @@ def _load_run(path: Path, *, baselines: RunSummary | None, source: Path | None, 
         path=path,
         name=summary.name or path.name,
         strategy=str(fed.get("strategy", "fedavg")),
+        family=str(model.get("family", "janus")),
         clients=int(fed.get("clients", 0)),
         alpha=float(fed.get("alpha", 0.0)),
         seed=int(cfg.get("seed", 0)),
@@ -146,11 +159,12 @@ def _load_run(path: Path, *, baselines: RunSummary | None, source: Path | None, 
             for name, row in (("zero-shot", base.zero_shot), ("centralized", base.centralized))
             if (g := _geneval(row)) is not None
         },
+        base_variant=base_variant,
     )
 
 
-def _variant(settings: dict) -> str:
-    return ", ".join(f"{k}={v}" for k, v in settings.items() if k not in _GRID_AXES)
+def _variant(settings: dict, skip: tuple[str, ...] = ()) -> str:
+    return ", ".join(f"{k}={v}" for k, v in settings.items() if k not in _GRID_AXES and k not in skip)
 
 
 def _sweep_cells(sweep_dir: Path) -> list[RunResult]:
@@ -177,6 +191,7 @@ def _with_baselines(d: Path, base_dir: Path | None, cell: dict) -> RunResult:
         baselines=baselines,
         source=base_dir if baselines is not None else None,
         variant=_variant(cell.get("settings") or {}),
+        base_variant=_variant(cell.get("settings") or {}, skip=(_FAMILY_AXIS,)),
     )
 
 
@@ -206,6 +221,15 @@ def collect(paths: Iterable[str | Path]) -> list[RunResult]:
             raise DataError(f"{p}: neither a run directory (summary.json) nor a sweep directory (sweep.json)")
         for r in runs:
             found.setdefault(os.path.realpath(r.path), r)
+    if len({r.family for r in found.values()}) > 1:
+        # runs of different families never share a table: name the family wherever the grid did not
+        mark = f"{_FAMILY_AXIS}="
+        found = {
+            k: r
+            if mark in r.variant
+            else replace(r, variant=", ".join(filter(None, [f"{mark}{r.family}", r.variant])))
+            for k, r in found.items()
+        }
     return sorted(
         found.values(), key=lambda r: (r.strategy, r.variant, r.clients, r.alpha, r.seed, str(r.path))
     )
@@ -369,6 +393,73 @@ def _geneval_section(groups: dict[tuple[str, str], list[RunResult]]) -> list[str
     return lines
 
 
+def _families_section(results: Sequence[RunResult]) -> list[str]:
+    """One row per (strategy, K, alpha) and the families side by side, when more than one ran."""
+    finished = [r for r in results if r.finished]
+    families = sorted({r.family for r in finished})
+    if len(families) < 2:
+        return []
+    cells: dict[tuple[str, str, int, float], dict[str, list[RunResult]]] = {}
+    for r in finished:
+        key = (r.strategy, r.base_variant, r.clients, r.alpha)
+        cells.setdefault(key, {}).setdefault(r.family, []).append(r)
+
+    def vqa(runs: list[RunResult]) -> str:
+        return _mean_std([r.federated for r in runs])
+
+    def retention(runs: list[RunResult]) -> str:
+        return _mean_std([100.0 * r.federated / r.centralized for r in runs if r.centralized])
+
+    def geneval(runs: list[RunResult]) -> str:
+        xs = [100.0 * r.geneval["overall"] for r in runs if r.geneval]
+        return _mean_std(xs)
+
+    def per_round(runs: list[RunResult]) -> str:
+        xs = [
+            r.bytes_up_per_round + r.bytes_down_per_round
+            for r in runs
+            if r.bytes_up_per_round is not None and r.bytes_down_per_round is not None
+        ]
+        return f"{max(xs):,}" if xs else "-"
+
+    columns = (("VQA", vqa), ("retention", retention), ("GenEval", geneval), ("bytes/round", per_round))
+    header = ["strategy", "K", "alpha"] + [f"{f} {name}" for name, _ in columns for f in families]
+    body: list[list[object]] = []
+    for (strategy, base_variant, k, a), by_family in sorted(cells.items()):
+        row: list[object] = [_title(strategy, base_variant), k, _alpha(a)]
+        for _, fn in columns:
+            row += [fn(by_family[f]) if f in by_family else "-" for f in families]
+        body.append(row)
+    baselines: list[list[object]] = []
+    for name, attr in (("zero-shot", "zero_shot"), ("centralized", "centralized")):
+        row = [name, "-", "-"]
+        for label, _ in columns:
+            for f in families:
+                runs = [r for r in finished if r.family == f]
+                if label == "VQA":
+                    row.append(_mean_std(_unique_baselines(runs, attr)))
+                elif label == "GenEval":
+                    seen = {
+                        os.path.realpath(r.baseline_source or r.path): 100.0 * g["overall"]
+                        for r in runs
+                        if (g := r.geneval_baselines.get(name)) is not None
+                    }
+                    row.append(_mean_std(list(seen.values())))
+                else:
+                    row.append("-")
+        baselines.append(row)
+    return [
+        "## Model families side by side",
+        "",
+        "Each family's federated runs beside the other's with the same strategy, K and alpha (every other "
+        "setting equal): federated test VQA accuracy (%), retention (federated / centralized of the same "
+        "family and seed, %), GenEval overall of the final global model (%), and bytes per round (up + "
+        "down, all clients, the largest round). Mean ± std over seeds.",
+        "",
+        *_table(header, [*body, *baselines]),
+    ]
+
+
 def _runs_table(results: Sequence[RunResult]) -> list[str]:
     header = [
         "run",
@@ -501,9 +592,9 @@ def write_report(results: Sequence[RunResult], out_dir: str | Path) -> Path:
         "tables use the test split, curves the validation split. A sweep's federated cells take the "
         "zero-shot and centralized numbers of the baseline cell of their seed.",
         "",
-        "## Federated VQA accuracy by K and alpha",
-        "",
     ]
+    lines += _families_section(results)
+    lines += ["## Federated VQA accuracy by K and alpha", ""]
     if not groups:
         lines += ["No finished runs.", ""]
     for (strategy, variant), runs in groups.items():

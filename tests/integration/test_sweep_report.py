@@ -286,10 +286,23 @@ def test_report_tables_match_the_summaries(swept, tmp_path):
     assert again.read_text().replace(str(out / INTERRUPTED), "X") == md.replace(str(out / INTERRUPTED), "X")
 
 
-def _fake_run(root: Path, name: str, *, k: int, alpha: float, seed: int, acc: float, central: float, **extra):
+def _fake_run(
+    root: Path,
+    name: str,
+    *,
+    k: int,
+    alpha: float,
+    seed: int,
+    acc: float,
+    central: float,
+    family: str | None = None,
+    **extra,
+):
     d = root / name
     d.mkdir(parents=True)
     cfg = {"seed": seed, "federation": {"clients": k, "alpha": alpha, "strategy": "fedavg"}}
+    if family is not None:
+        cfg["model"] = {"family": family}
     (d / "config.yaml").write_text(yaml.safe_dump(cfg))
     rounds = [
         {
@@ -338,6 +351,54 @@ def test_report_mean_std_over_seeds_and_geneval(tmp_path):
     assert _md_table(md, "GenEval scores")[1] == ["2", "0.1", "0.500", "0.750", "0.250"]
     with pytest.raises(DataError, match="neither a run directory"):
         collect([tmp_path / "nowhere"])
+
+
+def test_report_puts_two_families_side_by_side_and_never_in_one_table(tmp_path):
+    geneval = {"geneval": {"overall": 0.25, "tags": {"colors": 0.5}}}
+    dirs = [
+        _fake_run(tmp_path, "j2", k=2, alpha=0.1, seed=0, acc=40.0, central=50.0, family="janus"),
+        _fake_run(tmp_path, "b2", k=2, alpha=0.1, seed=0, acc=30.0, central=60.0, family="blip3o", **geneval),
+        _fake_run(tmp_path, "j4", k=4, alpha=0.1, seed=0, acc=45.0, central=50.0, family="janus"),
+    ]
+    md = write_report(collect(dirs), tmp_path / "rep").read_text()
+    side = _md_table(md, "Model families side by side")
+    assert side[0] == [
+        "strategy",
+        "K",
+        "alpha",
+        *(f"{f} {c}" for c in ("VQA", "retention", "GenEval", "bytes/round") for f in ("blip3o", "janus")),
+    ]
+    assert side[1] == ["`fedavg`", "2", "0.1", "30.00", "40.00", "50.00", "80.00", "25.00", "-", "420", "420"]
+    assert side[2] == ["`fedavg`", "4", "0.1", "-", "45.00", "-", "90.00", "-", "-", "-", "840"]
+    # two plain janus runs carry a baseline each (equal here): mean ± std over the two
+    assert side[3][:5] == ["zero-shot", "-", "-", "10.00", "10.00 ± 0.00"]
+    assert side[4][:5] == ["centralized", "-", "-", "60.00", "50.00 ± 0.00"]
+    # each family keeps its own accuracy tables: the K = 2 cell is not a mean of the two families
+    janus = md.split("### Strategy `fedavg` (model.family=janus)")[1]
+    assert _md_table(janus, "Federated VQA accuracy")[1] == ["2", "40.00"]
+    blip3o = md.split("### Strategy `fedavg` (model.family=blip3o)")[1]
+    assert _md_table(blip3o, "Federated VQA accuracy")[1] == ["2", "30.00"]
+    # one family only: no side-by-side section
+    single = write_report(collect(dirs[::2]), tmp_path / "single").read_text()
+    assert "Model families side by side" not in single
+
+
+def test_a_family_axis_gives_each_family_its_own_baseline_cell(tiny_config_tree, tmp_path):
+    tree = {**tiny_config_tree, "model": {"path": None}, "lora": {**tiny_config_tree["lora"]}}
+    tree["lora"]["groups"] = ["language", "generation"]
+    spec = load_sweep(
+        _write_sweep(tmp_path, tree, {"model.family": ["janus", "blip3o"], "federation.clients": [2, 3]})
+    )
+    cells = expand(spec)
+    assert [c.name for c in cells if c.kind == "baselines"] == [
+        "baselines-family_janus-s0",
+        "baselines-family_blip3o-s0",
+    ]
+    fed = [c for c in cells if c.kind == "federated"]
+    assert len(fed) == 4
+    for c in fed:
+        assert c.baseline_cell == f"baselines-family_{c.config.model.family}-s0"
+        assert c.name.endswith(f"family_{c.config.model.family}-s0")
 
 
 def test_cli_commands_when_registered(swept, tmp_path):
