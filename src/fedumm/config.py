@@ -94,6 +94,10 @@ class TrainConfig(_Strict):
     local_val_fraction: float = Field(default=0.1, ge=0, lt=1, description="held out per client for q_k")
 
 
+# Rules a DP or HE run accepts: none, and auto (which resolves to none there: server/trust.py).
+_MEAN_RULES = ("none", "auto")
+
+
 class DefenseConfig(_Strict):
     """Server defences against hostile but well-formed updates (docs/SECURITY.md)."""
 
@@ -105,8 +109,12 @@ class DefenseConfig(_Strict):
     )
     norm_multiple: float = Field(default=2.0, gt=0, description="adaptive: multiple of the median norm")
     norm_value: float | None = Field(default=None, gt=0, description="fixed: the bound")
-    rule: Literal["none", "median", "trimmed_mean", "multi_krum"] = Field(
-        default="none", description="robust aggregation rule applied before the strategy"
+    rule: Literal["auto", "none", "median", "trimmed_mean", "multi_krum"] = Field(
+        default="auto",
+        description=(
+            "robust aggregation rule applied before the strategy; auto: multi_krum (krum_f) in every "
+            "group with at least krum_f + 3 updates, none with fewer, under DP or under HE"
+        ),
     )
     trim_fraction: float = Field(default=0.2, ge=0, lt=0.5, description="trimmed_mean: share cut per end")
     krum_f: int = Field(default=1, ge=0, description="multi_krum: attackers tolerated")
@@ -310,7 +318,8 @@ class Config(_Strict):
         """Defences, DP and secure aggregation that cannot work together are refused here, by name."""
         fed = self.federation
         strategies = [fed.strategy, *fed.group_strategies.values()]
-        if fed.defense.space == "product" and fed.defense.rule != "none" and "ffa_lora" in strategies:
+        refactors = fed.defense.rule in ("median", "trimmed_mean")  # multi-Krum only measures distances
+        if fed.defense.space == "product" and refactors and "ffa_lora" in strategies:
             raise ValueError(
                 "federation.defense.space=product refactors A and B, but ffa_lora keeps A frozen; "
                 "use space: factors"
@@ -322,7 +331,7 @@ class Config(_Strict):
                     f"privacy: strategy {bad[0]!r} does not aggregate through a weighted mean, so DP noise "
                     f"on the mean does not bound it; use one of {', '.join(DP_STRATEGIES)}"
                 )
-            if fed.defense.rule != "none":
+            if fed.defense.rule not in _MEAN_RULES:
                 raise ValueError(
                     f"privacy: federation.defense.rule={fed.defense.rule!r} is not a mean; the DP "
                     "guarantee covers the clipped mean only (set rule: none)"
@@ -341,7 +350,7 @@ class Config(_Strict):
                     f"federation.secure_aggregation=he: strategy {bad[0]!r} needs plaintext updates; "
                     f"use one of {', '.join(HE_STRATEGIES)}"
                 )
-            if fed.defense.rule != "none" or fed.defense.norm_bound != "off":
+            if fed.defense.rule not in _MEAN_RULES or fed.defense.norm_bound != "off":
                 raise ValueError(
                     "federation.secure_aggregation=he: the server sees no delta in the clear, so "
                     "defense.rule and defense.norm_bound cannot run; set rule: none and norm_bound: off"

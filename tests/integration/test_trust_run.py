@@ -62,6 +62,22 @@ def test_scaled_attacker_with_a_billion_examples_is_marked_and_bounded(tiny_conf
     assert all(e["client"] == "site-03" for e in r["defense"])  # the honest clients are untouched
 
 
+def test_by_default_multi_krum_excludes_the_scaled_attacker_among_four(tiny_config_tree, tmp_path):
+    tree = _tree(
+        tiny_config_tree,
+        federation={"clients": 4, "rounds": 1, "min_partition_size": 4},
+        adversary={"clients": ["site-04"], "kind": "scale", "strength": -50, "claimed_examples": 10**9},
+    )
+    cfg = load_config(None, tree=tree)
+    assert cfg.federation.defense.rule == "auto"
+    run_experiment(cfg, tmp_path / "run")
+    (r,) = _rounds(tmp_path / "run")
+    excluded = {(e["client"], e["group"]) for e in r["defense"] if e["action"] == "excluded"}
+    groups = {e["group"] for e in r["defense"] if e["action"] == "excluded"}
+    assert groups and excluded == {("site-04", g) for g in groups}  # one exclusion (f = 1), the attacker's
+    assert all("multi-Krum" in e["reason"] for e in r["defense"] if e["action"] == "excluded")
+
+
 def test_dp_with_poisson_sampling_records_epsilon_every_round(tiny_config_tree, tmp_path):
     tree = _tree(
         tiny_config_tree,

@@ -14,7 +14,7 @@ from fedumm.types import ClientUpdate
 
 A, B = "lang.q.lora_A.weight", "lang.q.lora_B.weight"
 GA, GB = "gen.h.lora_A.weight", "gen.h.lora_B.weight"
-OFF = DefenseSpec(count_cap=None, norm_bound="off")
+OFF = DefenseSpec(count_cap=None, norm_bound="off", rule="none")
 
 
 def group_of(key: str) -> str:
@@ -56,7 +56,10 @@ def test_count_bound_caps_a_billion_example_claim_per_group():
         upd("evil", state(1, 1), 10**9, {"lang": 10**9, "gen": 10**9}),
     ]
     out = defend(
-        global_state=G0, updates=ups, spec=DefenseSpec(count_cap=2.0, norm_bound="off"), group_of=group_of
+        global_state=G0,
+        updates=ups,
+        spec=DefenseSpec(count_cap=2.0, norm_bound="off", rule="none"),
+        group_of=group_of,
     )
     evil = out.updates[-1]
     # lang: median(10, 20, 30, 1e9) = 25 -> 50; gen: median(10, 30, 1e9) = 30 -> 60 (b trains no gen)
@@ -127,6 +130,29 @@ def test_trimmed_mean_records_each_client_share():
     assert torch.allclose(new[A], torch.full((1, 2), 3.0))
     shares = {e.client: e.value for e in out.events if e.group == "lang"}
     assert shares["evil"] == 1.0 and shares["a"] == 1.0 and "b" not in shares
+
+
+def test_auto_is_multi_krum_from_f_plus_3_updates_and_the_plain_mean_below():
+    five = [
+        upd(c, state(v, v)) for c, v in (("a", 1.0), ("b", 1.1), ("c", 0.9), ("d", 1.05), ("evil", -50.0))
+    ]
+    auto = DefenseSpec(count_cap=None, norm_bound="off", rule="auto", krum_f=1)
+    krum = DefenseSpec(count_cap=None, norm_bound="off", rule="multi_krum", krum_f=1)
+    a = defend(global_state=G0, updates=five, spec=auto, group_of=group_of)
+    k = defend(global_state=G0, updates=five, spec=krum, group_of=group_of)
+    assert a.events == k.events and ("evil", "lang", "excluded") in {
+        (e.client, e.group, e.action) for e in a.events
+    }
+    fed = make_strategy("fedavg")
+    got, ref = (fed.aggregate(global_state=G0, updates=o.updates, group_of=group_of) for o in (a, k))
+    assert all(torch.equal(got[key], ref[key]) for key in ref)
+    # three updates (f + 2): too few for Krum's neighbourhoods; auto averages them and records nothing
+    three = five[:2] + five[-1:]
+    out = defend(global_state=G0, updates=three, spec=auto, group_of=group_of)
+    assert out.events == []
+    mean = fed.aggregate(global_state=G0, updates=out.updates, group_of=group_of)
+    assert torch.allclose(mean[A], torch.full((1, 2), (1.0 + 1.1 - 50.0) / 3))
+    assert DefenseSpec().rule == "auto"
 
 
 def test_a_robust_rule_with_too_few_clients_is_recorded_not_silent():

@@ -15,13 +15,23 @@ def cfg(*overrides: str):
     return load_config(None, list(overrides), tree=dict(BASE))
 
 
-def test_defaults_bound_counts_and_norms_and_nothing_else():
+def test_defaults_bound_counts_and_norms_and_exclude_by_krum():
     c = cfg()
     d = c.federation.defense
-    assert (d.count_cap, d.norm_bound, d.norm_multiple, d.rule) == (2.0, "adaptive", 2.0, "none")
+    assert (d.count_cap, d.norm_bound, d.norm_multiple, d.rule, d.krum_f) == (2.0, "adaptive", 2.0, "auto", 1)
+    assert trust_settings(c).defense.rule == "auto"
     assert c.adversary is None and not c.privacy.enabled and c.federation.secure_aggregation == "none"
     t = trust_settings(c)
     assert t.privacy is None and t.adversaries == frozenset() and t.epsilon_after(3) is None
+
+
+def test_auto_resolves_to_the_plain_mean_under_dp_and_he_and_explicit_rules_stay():
+    dp = cfg("privacy.enabled=true", "privacy.noise_multiplier=1", "privacy.clip_norm=1")
+    assert dp.federation.defense.rule == "auto" and trust_settings(dp).defense.rule == "none"
+    he = cfg("engine=nvflare-poc", "federation.secure_aggregation=he", "federation.defense.norm_bound=off")
+    assert trust_settings(he).defense.rule == "none"
+    assert trust_settings(cfg("federation.defense.rule=median")).defense.rule == "median"
+    assert trust_settings(cfg("federation.defense.rule=none")).defense.rule == "none"
 
 
 def test_yaml_off_and_null():

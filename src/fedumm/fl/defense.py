@@ -5,8 +5,9 @@ Order, for every engine (the round loop calls :func:`defend` once per round):
 1. example-count bound: no client weighs more than ``count_cap`` times the median reported count;
 2. a norm bound on each client's delta (``norm_bound``: adaptive, a multiple of the round's median
    delta norm; or fixed), or, with client-level DP on, the DP clip to C over the whole adapter;
-3. a robust rule (``median``, ``trimmed_mean``, ``multi_krum``), in the space of the LoRA factors or
-   of the products B·A;
+3. a robust rule (``median``, ``trimmed_mean``, ``multi_krum``; the default ``auto`` is multi-Krum
+   in every group with at least ``krum_f + 3`` updates), in the space of the LoRA factors or of the
+   products B·A;
 4. with DP on: Gaussian noise on the aggregate.
 
 The output is again a list of client updates, so that every registered strategy aggregates it as
@@ -40,7 +41,8 @@ from fedumm.types import AdapterState, ClientUpdate, DefenseEvent
 
 __all__ = ["RULES", "SPACES", "DefenseSpec", "PrivacySpec", "DefenseOutcome", "defend", "noise_only"]
 
-RULES = ("none", "median", "trimmed_mean", "multi_krum")
+# auto: multi-Krum in a group with at least krum_f + 3 updates, the plain mean (no event) with fewer
+RULES = ("none", "auto", "median", "trimmed_mean", "multi_krum")
 SPACES = ("factors", "product")
 
 
@@ -52,7 +54,7 @@ class DefenseSpec:
     norm_bound: str = "adaptive"  # adaptive | fixed | off
     norm_multiple: float = 2.0  # adaptive: bound = multiple * median delta norm of the group
     norm_value: float | None = None  # fixed: the bound itself
-    rule: str = "none"
+    rule: str = "auto"
     trim_fraction: float = 0.2  # trimmed_mean: share dropped at each end
     krum_f: int = 1  # multi_krum: attackers tolerated
     krum_m: int | None = None  # multi_krum: updates kept (None: n - f)
@@ -271,6 +273,10 @@ def _robust_rule(
 ) -> None:
     active = [w for w in work if w.count(group) > 0]
     if not active or not keys:
+        return
+    if spec.rule == "auto":
+        if len(active) >= spec.krum_f + 3:
+            _multi_krum(active, global_state, group, keys, spec, events)
         return
     if spec.rule == "multi_krum":
         _multi_krum(active, global_state, group, keys, spec, events)

@@ -83,6 +83,17 @@ def privacy_spec(cfg: Config) -> PrivacySpec | None:
     )
 
 
+def _rule_of(cfg: Config) -> str:
+    """The robust rule that runs: ``auto`` is multi-Krum, except where the server must only average
+    (DP: the guarantee covers the clipped mean; HE: the server sees no update in the clear)."""
+    rule = cfg.federation.defense.rule
+    if rule != "auto":
+        return rule
+    if cfg.privacy.enabled or cfg.federation.secure_aggregation != "none":
+        return "none"
+    return "auto"
+
+
 def trust_settings(cfg: Config) -> TrustSettings:
     d = cfg.federation.defense
     spec = DefenseSpec(
@@ -90,7 +101,7 @@ def trust_settings(cfg: Config) -> TrustSettings:
         norm_bound=d.norm_bound,
         norm_multiple=d.norm_multiple,
         norm_value=d.norm_value,
-        rule=d.rule,
+        rule=_rule_of(cfg),
         trim_fraction=d.trim_fraction,
         krum_f=d.krum_f,
         krum_m=d.krum_m,
