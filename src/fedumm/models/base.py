@@ -38,6 +38,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ALIGNMENT_GROUP",
+    "DTYPES",
     "FAMILIES",
     "TASKS",
     "FamilyInfo",
@@ -46,6 +47,7 @@ __all__ = [
     "ModelFamily",
     "Tower",
     "attach_lora",
+    "built_on",
     "spec_from_overrides",
 ]
 
@@ -179,6 +181,33 @@ def spec_from_overrides(cls: type, overrides: Mapping[str, Any], **fixed: Any) -
         raise ConfigError(f"{cls.__name__}: {exc}") from None
 
 
+DTYPES = {"bf16": "bfloat16", "fp32": "float32"}
+
+
+@contextlib.contextmanager
+def built_on(device: str | torch.device, dtype: str, *, seed: int) -> Iterator[None]:
+    """Within the block, new modules are created on ``device`` in ``dtype`` (``bf16`` or ``fp32``) and
+    initialised from ``seed``: a model of several billion parameters never exists anywhere else first.
+
+    The default dtype is process-wide; it is restored when the block ends.
+    """
+    import torch
+
+    if dtype not in DTYPES:
+        raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    where = torch.device(device)
+    previous = torch.get_default_dtype()
+    # the random state of the device the weights are drawn on is forked too, then restored
+    forked = [where.index or 0] if where.type == "cuda" else []
+    with torch.random.fork_rng(devices=forked), where:
+        torch.manual_seed(seed)
+        torch.set_default_dtype(getattr(torch, DTYPES[dtype]))
+        try:
+            yield
+        finally:
+            torch.set_default_dtype(previous)
+
+
 def attach_lora(
     model: torch.nn.Module,
     *,
@@ -236,6 +265,21 @@ class ModelFamily(ABC):
     @abstractmethod
     def from_pretrained(cls, path: str | Path | None, *, options: FamilyOptions) -> ModelFamily:
         """Load a local checkpoint directory (None: the built-in one); never downloads."""
+
+    @classmethod
+    def random_weights(
+        cls,
+        model_config: str | Path,
+        generator_config: str | Path | None = None,
+        *,
+        options: FamilyOptions | None = None,
+        dtype: str = "bf16",
+        seed: int = 0,
+    ) -> ModelFamily:
+        """This family at the shapes of a released model's configs (``configs/models/``), freshly
+        initialised straight on ``options.device`` in ``dtype`` (``bf16`` or ``fp32``): no checkpoint, no
+        download. For rehearsing memory and time at real scale; the weights are random."""
+        raise ConfigError(f"family {cls.info.name!r} cannot be built from configs with random weights")
 
     @classmethod
     @abstractmethod

@@ -163,6 +163,53 @@ class Blip3oFamily(ModelFamily):
             generation_template=layout.GENERATION_TEMPLATE,
         )
 
+    @classmethod
+    def random_weights(
+        cls,
+        model_config: str | Path,
+        generator_config: str | Path | None = None,
+        *,
+        options: FamilyOptions | None = None,
+        dtype: str = "bf16",
+        seed: int = 0,
+    ) -> Blip3oFamily:
+        """BLIP3o-Model at the shapes of its backbone's Qwen2.5-VL config (configs/models/
+        Qwen2.5-VL-7B-Instruct.json for BLIP3o-8B) and its DiT's (configs/models/BLIP3o-8B-DiT.json),
+        random weights created on ``options.device`` (see :func:`.layout.random_released`), BLIP3o's
+        prompts and sampling steps; no checkpoint, no download."""
+        from fedumm.io import read_json_object
+        from fedumm.models.blip3o import layout
+
+        if generator_config is None:
+            raise ConfigError("BLIP3o needs its DiT's config too (e.g. configs/models/BLIP3o-8B-DiT.json)")
+        options = options or FamilyOptions()
+        flat = read_json_object(model_config, error=ConfigError)
+        dit = read_json_object(generator_config, error=ConfigError)
+        try:
+            model, tokenizer, image_processor = layout.random_released(
+                Path(model_config).parent,
+                flat,
+                dit,
+                device=options.device,
+                dtype=dtype,
+                seed=seed,
+                extra=options.extra,
+            )
+        except ConfigError as exc:
+            raise ConfigError(f"{model_config} + {generator_config}: {exc}") from None
+        model.eval()
+        return cls(
+            model=model,
+            tokenizer=tokenizer,
+            image_processor=image_processor,
+            device=options.device,
+            prompt_template=options.prompt_template or layout.VQA_TEMPLATE,
+            max_answer_tokens=options.max_answer_tokens,
+            alignment_tokens=options.alignment_tokens,
+            sampling_steps=layout.SAMPLING_STEPS,
+            generation_template=layout.GENERATION_TEMPLATE,
+        )
+
     def save_pretrained(self, out_dir: str | Path) -> None:
         """The backbone-only checkpoint (no adapter): config, weights, tokenizer, image processor."""
         if not isinstance(self.base, Blip3oModel):

@@ -26,6 +26,9 @@ ships are the site's to provide (``fedumm_site.json`` beside ``config.json``, or
 ``FamilyOptions.extra``): the EVA-CLIP target encoder (generation *training* only) and the decoder from
 features to pixels. Without them understanding and feature sampling run; what needs them fails with
 one line naming the piece and docs/MODELS.md.
+
+:func:`random_released` builds the same model at the shapes of the shipped configs with random weights
+straight on a device, for rehearsals at real scale (``Blip3oFamily.random_weights``).
 """
 
 from __future__ import annotations
@@ -59,6 +62,7 @@ __all__ = [
     "ReleasedConfig",
     "is_released_layout",
     "load_released",
+    "random_released",
     "read_prefixed",
     "write_released_layout",
 ]
@@ -508,6 +512,7 @@ QWEN_SPECIALS = (
 )  # ids 151643..151664, as in Qwen2.5's tokenizer
 BLIP3O_TOKENS = ("[IMG]", "[/IMG]", "<image>")  # 151665..151667
 QWEN_REGULAR = 151643  # Qwen2.5's byte-level BPE vocabulary ends here
+VOCAB_SIZE = QWEN_REGULAR + len(QWEN_SPECIALS) + len(BLIP3O_TOKENS)  # 151,668: the released embeddings
 _PROMPT_WORDS = (
     "system you are a helpful assistant user answer the question using single word or phrase please generate "
     "image based on following caption :"
@@ -597,7 +602,7 @@ def _flat_config(*, hidden: int, tied: bool, n_query: int) -> dict:
         },
         # head dim hidden / 2: the (t, h, w) sections split its hidden / 4 frequencies
         "rope_scaling": {"type": "mrope", "mrope_section": _mrope(hidden // 2)},
-        "vocab_size": QWEN_REGULAR + len(QWEN_SPECIALS) + len(BLIP3O_TOKENS),  # 151,668
+        "vocab_size": VOCAB_SIZE,
         # BLIP3o's fields (its run.sh arguments, saved by its trainer)
         "gen_vision_tower": "eva-clip-E-14-plus",
         "gen_pooling": "early_pool2d_4",
@@ -786,3 +791,77 @@ def _write_decoder_stub(folder: Path) -> None:
     (folder / "pipeline_llava_gen.py").write_text(
         '"""Placeholder for the pipeline code the release ships here (reduced layout: not its code)."""\n'
     )
+
+
+# ---- random weights at the released shapes -------------------------------------------------------------
+IMAGE_SIDE = 448  # BLIP3o's image resolution (EVA-CLIP-E/14-plus at 448 px): the understanding input here
+
+
+def random_released(
+    where: Path,
+    flat: Mapping[str, Any],
+    dit_config: Mapping[str, Any],
+    *,
+    device: Any,
+    dtype: str,
+    seed: int = 0,
+    extra: Mapping[str, Any] | None = None,
+):
+    """(model, tokenizer, image processor) of a BLIP3o-Model at the shapes of a Qwen2.5-VL ``config.json``
+    (``flat``, e.g. configs/models/Qwen2.5-VL-7B-Instruct.json, in ``where``) and of its DiT's diffusers
+    config (e.g. configs/models/BLIP3o-8B-DiT.json), random weights created on ``device`` in ``dtype``.
+
+    As released: the 151,668-token vocabulary and BLIP3o's token ids (the word-level stand-in tokenizer of
+    the reduced checkpoint), the latent queries of the DiT config, the DiT behind its caption projection.
+    Qwen2.5-VL's image processor gives every image ``extra["image_size"]`` px square (default
+    :data:`IMAGE_SIDE`); the site's target encoder and decoder come from ``fedumm_site.json`` in ``where``
+    or ``extra``, as for a released directory.
+    """
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    from fedumm.data.synth import VOCABULARY
+    from fedumm.models.base import DTYPES, built_on
+
+    extra = dict(extra or {})
+    # the config's torch_dtype would otherwise build the language model alone in it
+    flat = dict(flat) | {"vocab_size": VOCAB_SIZE, "torch_dtype": DTYPES.get(dtype, dtype)}
+    try:
+        backbone_config = _backbone_config(flat)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{where}: not a Qwen2.5-VL config ({exc})") from None
+    lm_hidden = int(backbone_config.text_config.hidden_size)
+    projection = dit_config.get("_caption_projection")
+    queries = dit_config.get("_latent_queries")
+    if not isinstance(projection, Mapping) or projection.get("in_features") != lm_hidden:
+        raise ConfigError(
+            f"the DiT config's _caption_projection must take the language model's width {lm_hidden}, "
+            f"got {projection!r}"
+        )
+    if not (isinstance(queries, list) and len(queries) == 2 and queries[1] == lm_hidden and queries[0] > 0):
+        raise ConfigError(f"the DiT config's _latent_queries must be [n_query, {lm_hidden}], got {queries!r}")
+    dit = {k: v for k, v in dit_config.items() if not k.startswith("_")}
+    config = ReleasedConfig(
+        backbone=backbone_config.to_dict(),
+        dit=dit,
+        n_query=int(queries[0]),
+        query_start_token_id=QUERY_START_ID,
+        query_token_id=QUERY_ID,
+        rope_size=int(dit.get("sample_size", DIT_SAMPLE_SIZE)),
+    )
+    with built_on(device, dtype, seed=seed):
+        try:
+            model = ReleasedBlip3o(config, backbone_config, path=where)
+        except (TypeError, ValueError, AssertionError) as exc:
+            raise ConfigError(f"the DiT config cannot build Lumina-Next ({exc})") from None
+    for what, spec in _site_specs(where, extra).items():
+        setattr(model, what, _site_piece(spec, what, where, flat).to(device))
+    vision = backbone_config.vision_config
+    side = int(extra.get("image_size", IMAGE_SIDE))
+    image_processor = Qwen2VLImageProcessorPil(
+        patch_size=vision.patch_size,
+        merge_size=vision.spatial_merge_size,
+        temporal_patch_size=vision.temporal_patch_size,
+        min_pixels=side * side,
+        max_pixels=side * side,
+    )
+    return model, _reduced_tokenizer(VOCABULARY), image_processor

@@ -64,10 +64,12 @@ class Blip3oDiT(nn.Module):
     def forward(self, x: torch.Tensor, timestep: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
         """Velocity for noisy features ``x`` (B, C, h, w) at ``timestep`` (B,), given the language
         model's hidden states at the query slots ``condition`` (B, n_query, hidden)."""
-        cond = self.caption_projection(condition)  # (B, n_query, dit hidden)
+        # inputs in the DiT's dtype: noise, noise levels and caption drops are drawn in float32
+        dtype = self.caption_projection.linear_1.weight.dtype
+        cond = self.caption_projection(condition.to(dtype))  # (B, n_query, dit hidden)
         mask = torch.ones(cond.shape[:2], device=cond.device, dtype=torch.long)
         return self.model(
-            hidden_states=x,
+            hidden_states=x.to(dtype),
             timestep=timestep,
             encoder_hidden_states=cond,
             encoder_mask=mask,

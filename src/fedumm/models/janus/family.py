@@ -175,6 +175,40 @@ class JanusFamily(ModelFamily):
         )
 
     @classmethod
+    def random_weights(
+        cls,
+        model_config: str | Path,
+        generator_config: str | Path | None = None,
+        *,
+        options: FamilyOptions | None = None,
+        dtype: str = "bf16",
+        seed: int = 0,
+    ) -> JanusFamily:
+        """Janus-Pro at the shapes of a converted checkpoint's ``config.json`` (e.g.
+        configs/models/Janus-Pro-7B.json), random weights created on ``options.device`` (see
+        :func:`.layout.random_janus_pro`); no checkpoint, no download."""
+        from fedumm.io import read_json_object
+        from fedumm.models.janus.layout import random_janus_pro
+
+        if generator_config is not None:
+            raise ConfigError("the Janus family has no separate generator config: give its config.json only")
+        options = options or FamilyOptions()
+        full = read_json_object(model_config, error=ConfigError)
+        try:
+            model, processor = random_janus_pro(full, device=options.device, dtype=dtype, seed=seed)
+        except ConfigError as exc:
+            raise ConfigError(f"{model_config}: {exc}") from None
+        model.eval()
+        return cls(
+            model=model,
+            processor=processor,
+            device=options.device,
+            prompt_template=options.prompt_template or INFO.default_prompt_template,
+            max_answer_tokens=options.max_answer_tokens,
+            alignment_tokens=options.alignment_tokens,
+        )
+
+    @classmethod
     def write_tiny(cls, out_dir: str | Path, *, seed: int = 0) -> Path:
         from fedumm.data.synth import VOCABULARY
         from fedumm.models.janus.tiny import build_processor, build_tiny_janus, build_tokenizer

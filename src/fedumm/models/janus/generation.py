@@ -353,12 +353,13 @@ def encode_images(
     check_generation_config(janus)
     vq = janus.model.vqmodel
     device = _device(janus)
+    dtype = next(vq.parameters()).dtype  # the processor gives float32; a bfloat16 model takes its own
     was_training = vq.training
     vq.eval()
     try:
         chunks = []
         for i in range(0, len(images), batch_size):
-            pixels = pixel_values(processor, images[i : i + batch_size]).to(device)  # (b, 3, H, W)
+            pixels = pixel_values(processor, images[i : i + batch_size]).to(device, dtype)  # (b, 3, H, W)
             tokens = vq.encode(pixels).image_tokens  # (b*h*w,)
             chunks.append(tokens.view(pixels.shape[0], -1).cpu())  # (b, h*w)
     finally:

@@ -16,6 +16,8 @@ default system prompt) and the chat template (``chat_template.jinja``: ``<|User|
 byte-level BPE trained on the synthetic world's words with the real special tokens at their real
 ids); tests use it because no machine here reaches a model hub. :func:`check_directory` is what
 :meth:`JanusFamily.from_pretrained` runs first: every piece a site must provide, one line per problem.
+:func:`random_janus_pro` builds the model and processor at a config's full shapes with random weights
+straight on a device, for rehearsals at real scale (``JanusFamily.random_weights``).
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ __all__ = [
     "check_directory",
     "check_tokens",
     "checkpoint_keys",
+    "random_janus_pro",
     "reduced_config",
     "write_janus_pro_layout",
 ]
@@ -328,6 +331,20 @@ def _byte_level_tokenizer(words: Iterable[str], vocab_size: int):
     return tok
 
 
+def _corpus(words: Iterable[str] | None) -> list[str]:
+    """What the stand-in BPE is trained on: ``words`` (default: the synthetic world's) and the chat
+    format's words."""
+    if words is None:
+        from fedumm.data.synth import VOCABULARY
+
+        words = list(VOCABULARY)
+    words = list(words)
+    corpus = [" ".join(words), *(f" {w}" for w in words), "You are a helpful language and vision assistant."]
+    corpus += ["You are able to understand the visual content that the user provides,"]
+    corpus += ["and assist the user with a variety of tasks using natural language.", "User Assistant: \n\n"]
+    return corpus
+
+
 def _added_tokens_decoder() -> dict[str, dict[str, Any]]:
     return {
         str(i): {
@@ -373,14 +390,7 @@ def write_janus_pro_layout(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     config = reduced_config(full_config, text=text, vision=vision, vq=vq, dtype=dtype)
-    if words is None:
-        from fedumm.data.synth import VOCABULARY
-
-        words = list(VOCABULARY)
-    corpus = [" ".join(words), *(f" {w}" for w in words), "You are a helpful language and vision assistant."]
-    corpus += ["You are able to understand the visual content that the user provides,"]
-    corpus += ["and assist the user with a variety of tasks using natural language.", "User Assistant: \n\n"]
-    tok = _byte_level_tokenizer(corpus, config["text_config"]["vocab_size"])
+    tok = _byte_level_tokenizer(_corpus(words), config["text_config"]["vocab_size"])
     tok.save(str(out / "tokenizer.json"))
 
     # weights: the model transformers builds from this config, at its stored dtype
@@ -478,3 +488,62 @@ def write_janus_pro_layout(
     )
     (out / "chat_template.jinja").write_text(CHAT_TEMPLATE, encoding="utf-8")
     return out
+
+
+# ---- random weights at the released shapes -------------------------------------------------------------
+def random_janus_pro(full_config: Mapping[str, Any], *, device: Any, dtype: str, seed: int = 0):
+    """(model, processor) at the shapes of ``full_config`` (a converted checkpoint's ``config.json``, e.g.
+    configs/models/Janus-Pro-7B.json), random weights created on ``device`` in ``dtype`` (``bf16``,
+    ``fp32``): nothing is read or written but the config.
+
+    The processor is the released one's (image size and image-token count from the config, mean and std
+    0.5, no default system prompt, the chat template); its tokenizer has the real special tokens at their
+    real ids with a small byte-level BPE over the synthetic world's words in place of DeepSeek-LLM's.
+    """
+    from transformers import (
+        JanusConfig,
+        JanusForConditionalGeneration,
+        JanusImageProcessorPil,
+        JanusProcessor,
+        PreTrainedTokenizerFast,
+    )
+
+    from fedumm.models.base import DTYPES, built_on
+
+    try:
+        config = reduced_config(full_config, text={}, vision={}, vq={}, dtype=DTYPES.get(dtype, dtype))
+        built = JanusConfig.from_dict({k: v for k, v in config.items() if k != "transformers_version"})
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ConfigError(f"not a Janus-Pro config.json ({type(exc).__name__}: {exc})") from None
+    with built_on(device, dtype, seed=seed):
+        model = JanusForConditionalGeneration(built)
+    if model.lm_head.weight is model.model.language_model.embed_tokens.weight:
+        raise ConfigError("the Janus-Pro model came out with lm_head tied; its config says otherwise")
+    # transformers' image generation reads the begin-of-image id from here (see JanusFamily.from_pretrained)
+    model.generation_config.generation_kwargs = {"boi_token_id": JANUS_PRO_TOKENS[BOI]}
+    text = config["text_config"]
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=_byte_level_tokenizer(_corpus(None), text["vocab_size"]),
+        bos_token=BOS,
+        eos_token=EOS,
+        pad_token=PAD,
+        model_max_length=text["max_position_embeddings"],
+        extra_special_tokens={"image_token": IMAGE, "boi_token": BOI, "eoi_token": EOI},
+    )
+    vision = config["vision_config"]
+    size = vision["image_size"]
+    image_processor = JanusImageProcessorPil(
+        size={"height": size, "width": size},
+        min_size=14,
+        image_mean=[0.5, 0.5, 0.5],
+        image_std=[0.5, 0.5, 0.5],
+        background_color=[127, 127, 127],
+    )
+    processor = JanusProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        num_image_tokens=vision["num_image_tokens"],
+        use_default_system_prompt=False,
+        chat_template=CHAT_TEMPLATE,
+    )
+    return model, processor
