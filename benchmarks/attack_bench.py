@@ -36,7 +36,11 @@ from fedumm.server.run_dir import RunDir
 KINDS = ("sign_flip", "scale", "gaussian", "free_rider", "label_flip", "backdoor")
 # attack strengths: scale is the issue's sign-flipped 50x update, gaussian a noise of 10x the honest norm
 STRENGTH = {"scale": -50.0, "gaussian": 10.0}
-OFF = ["federation.defense.count_cap=null", "federation.defense.norm_bound=off"]
+OFF = [
+    "federation.defense.count_cap=null",
+    "federation.defense.norm_bound=off",
+    "federation.defense.rule=none",
+]
 DEFENCES: dict[str, list[str]] = {
     "none": OFF,
     "default": [],
@@ -50,7 +54,7 @@ DEFENCES: dict[str, list[str]] = {
         "federation.defense.krum_f=2",
         "federation.defense.space=product",
     ],
-    "default + multi_krum": ["federation.defense.rule=multi_krum", "federation.defense.krum_f=2"],
+    "default, krum_f=2": ["federation.defense.krum_f=2"],  # the default rule (auto) is multi-Krum
 }
 QUIET = ["baselines.zero_shot=false", "baselines.centralized=false"]
 ISSUE_ATTACK = [
