@@ -151,6 +151,13 @@ class Blip3oFamily(ModelFamily):
         model, tokenizer, image_processor = layout.load_released(path, options.extra)
         model.to(options.device)
         model.eval()
+        return cls._released(model, tokenizer, image_processor, options)
+
+    @classmethod
+    def _released(cls, model, tokenizer, image_processor, options: FamilyOptions) -> Blip3oFamily:
+        """The family around a model in the released layout: BLIP3o's prompts and sampling steps."""
+        from fedumm.models.blip3o import layout
+
         return cls(
             model=model,
             tokenizer=tokenizer,
@@ -198,17 +205,7 @@ class Blip3oFamily(ModelFamily):
         except ConfigError as exc:
             raise ConfigError(f"{model_config} + {generator_config}: {exc}") from None
         model.eval()
-        return cls(
-            model=model,
-            tokenizer=tokenizer,
-            image_processor=image_processor,
-            device=options.device,
-            prompt_template=options.prompt_template or layout.VQA_TEMPLATE,
-            max_answer_tokens=options.max_answer_tokens,
-            alignment_tokens=options.alignment_tokens,
-            sampling_steps=layout.SAMPLING_STEPS,
-            generation_template=layout.GENERATION_TEMPLATE,
-        )
+        return cls._released(model, tokenizer, image_processor, options)
 
     def save_pretrained(self, out_dir: str | Path) -> None:
         """The backbone-only checkpoint (no adapter): config, weights, tokenizer, image processor."""

@@ -164,6 +164,11 @@ class JanusFamily(ModelFamily):
         gen_kwargs = dict(getattr(model.generation_config, "generation_kwargs", None) or {})
         model.generation_config.generation_kwargs = gen_kwargs | {"boi_token_id": boi}
         model.to(options.device)
+        return cls._around(model, processor, options)
+
+    @classmethod
+    def _around(cls, model, processor, options: FamilyOptions) -> JanusFamily:
+        """The family around a loaded or freshly built model, in eval mode."""
         model.eval()
         return cls(
             model=model,
@@ -198,15 +203,7 @@ class JanusFamily(ModelFamily):
             model, processor = random_janus_pro(full, device=options.device, dtype=dtype, seed=seed)
         except ConfigError as exc:
             raise ConfigError(f"{model_config}: {exc}") from None
-        model.eval()
-        return cls(
-            model=model,
-            processor=processor,
-            device=options.device,
-            prompt_template=options.prompt_template or INFO.default_prompt_template,
-            max_answer_tokens=options.max_answer_tokens,
-            alignment_tokens=options.alignment_tokens,
-        )
+        return cls._around(model, processor, options)
 
     @classmethod
     def write_tiny(cls, out_dir: str | Path, *, seed: int = 0) -> Path:
