@@ -220,19 +220,28 @@ def sweep(
     sweep_file: Annotated[Path, typer.Argument(help="sweep YAML: base config, overrides, grid")],
     out: Annotated[Path, typer.Option("--out", help="sweep directory (one run directory per cell)")],
     dry_run: Annotated[bool, typer.Option("--dry-run", help="list the cells and exit")] = False,
+    only: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--only",
+            help="run only the cells with this grid value, e.g. --only federation.clients=16 "
+            "(repeatable; the same key twice means either value); their baseline cells run too",
+        ),
+    ] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Run a grid of runs, one directory per cell; run the same command again to resume."""
     _setup_logging(verbose)
-    from fedumm.sweep import expand, load_sweep, run_sweep
+    from fedumm.sweep import expand, load_sweep, parse_only, run_sweep, select
 
     try:
         spec = load_sweep(sweep_file)
+        chosen = parse_only(spec, only or [])
         if dry_run:
-            cells = expand(spec)
+            cells = select(expand(spec), chosen)
         else:
             with _progress() as bars:
-                results = run_sweep(spec, out, progress=RichProgress(bars))
+                results = run_sweep(spec, out, progress=RichProgress(bars), only=chosen)
     except KeyboardInterrupt:
         console.print(
             f"[yellow]interrupted[/]: finished cells are kept in {out}; run the same command to continue"

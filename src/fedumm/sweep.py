@@ -444,16 +444,64 @@ def _eta(remaining: list[Cell], wall: dict[str, list[float]]) -> str:
     return f"ETA {_fmt_duration(total)}"
 
 
-def run_sweep(sweep: Sweep, out_dir: str | Path, *, progress: Progress | None = None) -> list[CellResult]:
-    """Run every cell not finished yet (resuming interrupted ones), keep sweep.json current, return all."""
+def parse_only(sweep: Sweep, items: list[str]) -> dict[str, tuple[Any, ...]]:
+    """`KEY=VALUE` filters (repeatable; one key given twice means either value) checked against the grid."""
+    grid = dict(sweep.grid)
+    chosen: dict[str, list[Any]] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError(f"--only {item!r}: expected KEY=VALUE, for example federation.clients=16")
+        if key not in grid:
+            keys = ", ".join(grid) or "none"
+            raise ConfigError(f"--only {item!r}: {key} is not a grid key of {sweep.path} (grid keys: {keys})")
+        matches = [v for v in grid[key] if _fmt(v) == text.strip()]
+        if not matches:
+            values = ", ".join(_fmt(v) for v in grid[key])
+            raise ConfigError(f"--only {item!r}: {text.strip()!r} is not a grid value of {key} ({values})")
+        chosen.setdefault(key, []).extend(m for m in matches if m not in chosen.get(key, []))
+    return {k: tuple(v) for k, v in chosen.items()}
+
+
+def select(cells: list[Cell], only: dict[str, tuple[Any, ...]]) -> list[Cell]:
+    """The federated cells whose grid values match every filter, and the baseline cells they take from."""
+    if not only:
+        return cells
+
+    def matches(cell: Cell) -> bool:
+        settings = dict(cell.settings)
+        return all(
+            any(type(settings[k]) is type(v) and settings[k] == v for v in values)
+            for k, values in only.items()
+        )
+
+    federated = [c for c in cells if c.kind == "federated" and matches(c)]
+    needed = {c.baseline_cell for c in federated}
+    return [c for c in cells if (c.kind == "baselines" and c.name in needed) or c in federated]
+
+
+def run_sweep(
+    sweep: Sweep,
+    out_dir: str | Path,
+    *,
+    progress: Progress | None = None,
+    only: dict[str, tuple[Any, ...]] | None = None,
+) -> list[CellResult]:
+    """Run every cell not finished yet (resuming interrupted ones), keep sweep.json current, return all.
+
+    With `only` (grid key -> values), run just the matching federated cells and their baseline cells;
+    sweep.json still lists every cell, so a later run without a filter continues with the rest.
+    """
     # Baseline cells run first with zero-shot and centralized on; federated cells run with both off and
     # take the numbers of their baseline cell. The first failing cell stops the sweep (rerun to resume).
     progress = progress or NullProgress()
-    cells = expand(sweep)
+    every = expand(sweep)
+    cells = select(every, only or {})
     out = Path(out_dir)
-    states = {c.name: _state(sweep, c, out / c.name) for c in cells}  # every check before any run
+    states = {c.name: _state(sweep, c, out / c.name) for c in every}  # every check before any run
     out.mkdir(parents=True, exist_ok=True)
-    status = {c.name: ("finished" if states[c.name] == "finished" else "pending") for c in cells}
+    status = {c.name: ("finished" if states[c.name] == "finished" else "pending") for c in every}
     wall_of: dict[str, float] = {}
     wall_by_kind: dict[str, list[float]] = {}
     summaries: dict[str, RunSummary] = {}
@@ -466,10 +514,10 @@ def run_sweep(sweep: Sweep, out_dir: str | Path, *, progress: Progress | None = 
             wall_of[cell.name] = float(w)
             wall_by_kind.setdefault(cell.kind, []).append(float(w))
 
-    for cell in cells:
+    for cell in every:
         if states[cell.name] == "finished":
             record(cell, _read_summary(out / cell.name / "summary.json"))
-    _write_index(sweep, out, cells, status, wall_of)
+    _write_index(sweep, out, every, status, wall_of)
 
     n = len(cells)
     progress.start("sweep", f"sweep {sweep.name}", n)
@@ -480,7 +528,7 @@ def run_sweep(sweep: Sweep, out_dir: str | Path, *, progress: Progress | None = 
             continue
         d = out / cell.name
         status[cell.name] = "running"
-        _write_index(sweep, out, cells, status, wall_of)
+        _write_index(sweep, out, every, status, wall_of)
         try:
             if states[cell.name] == "resume":
                 summary = resume_experiment(d, progress=progress)
@@ -494,10 +542,10 @@ def run_sweep(sweep: Sweep, out_dir: str | Path, *, progress: Progress | None = 
             )
             if status[cell.name] in ("running", "finished"):
                 status[cell.name] = "failed"
-            _write_index(sweep, out, cells, status, wall_of)
+            _write_index(sweep, out, every, status, wall_of)
             raise
         record(cell, summary)
-        _write_index(sweep, out, cells, status, wall_of)
+        _write_index(sweep, out, every, status, wall_of)
     progress.update("sweep", n, description=f"sweep {sweep.name}: done")
     progress.finish("sweep")
 

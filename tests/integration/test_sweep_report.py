@@ -401,6 +401,53 @@ def test_a_family_axis_gives_each_family_its_own_baseline_cell(tiny_config_tree,
         assert c.name.endswith(f"family_{c.config.model.family}-s0")
 
 
+def test_only_runs_the_matching_cells_and_their_baselines_and_a_later_run_continues(
+    tiny_config_tree, tmp_path, monkeypatch
+):
+    spec = load_sweep(
+        _write_sweep(
+            tmp_path,
+            tiny_config_tree,
+            {"federation.clients": [2, 3], "federation.alpha": [0.1, 1.0], "seed": [0, 1]},
+        )
+    )
+    ran: list[str] = []
+
+    def fake_run(cfg, out_dir, **kw):  # records the cell; a finished summary on disk, as a real run leaves
+        ran.append(cfg.name)
+        Path(out_dir).mkdir(parents=True)
+        summary = RunSummary(name=cfg.name, status="finished", wall_time_s=1.0)
+        (Path(out_dir) / "summary.json").write_text(json.dumps(summary.to_json()))
+        (Path(out_dir) / "config.yaml").write_text(sweep_mod.dump_config(cfg))
+        return summary
+
+    monkeypatch.setattr(sweep_mod, "run_experiment", fake_run)
+    only = sweep_mod.parse_only(spec, ["federation.clients=3", "seed=1", "seed=0", "federation.alpha=1.0"])
+    assert only == {"federation.clients": (3,), "seed": (1, 0), "federation.alpha": (1.0,)}
+    out = tmp_path / "out"
+    results = run_sweep(spec, out, only=only)
+    assert ran == ["baselines-s0", "baselines-s1", "K3-a1.0-s0", "K3-a1.0-s1"]
+    assert [r.cell.name for r in results] == ran
+    index = json.loads((out / "sweep.json").read_text())
+    status = {c["name"]: c["status"] for c in index["cells"]}
+    assert len(status) == 10 and sorted(n for n, s in status.items() if s == "finished") == sorted(ran)
+    assert status["K2-a0.1-s0"] == "pending"
+    # one filter on seed alone: only the seed-1 cells not run yet, and their (finished) baseline cell
+    ran.clear()
+    run_sweep(spec, out, only=sweep_mod.parse_only(spec, ["seed=1"]))
+    assert ran == ["K2-a0.1-s1", "K3-a0.1-s1", "K2-a1.0-s1"]  # the grid file lists alpha first
+    ran.clear()
+    run_sweep(spec, out)  # no filter: the rest
+    assert ran == ["K2-a0.1-s0", "K3-a0.1-s0", "K2-a1.0-s0"]
+    for bad, message in [
+        ("federation.clients", "expected KEY=VALUE"),
+        ("federation.rounds=2", r"not a grid key .*\(grid keys: federation.alpha, federation.clients, seed"),
+        ("federation.alpha=0.5", r"'0.5' is not a grid value of federation.alpha \(0.1, 1.0\)"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            sweep_mod.parse_only(spec, [bad])
+
+
 def test_cli_commands_when_registered(swept, tmp_path):
     from typer.testing import CliRunner
 
