@@ -66,6 +66,11 @@ _RESERVED = ("name", "baselines")
 _QUESTIONS_PER_IMAGE = 3  # what the synthetic world asks at most per image
 
 
+def _same(a: Any, b: Any) -> bool:
+    """Equal grid values of one type: 1, 1.0 and True are three different values."""
+    return type(a) is type(b) and a == b
+
+
 class SweepFile(BaseModel):
     """Schema of a sweep YAML file."""
 
@@ -84,7 +89,7 @@ class SweepFile(BaseModel):
                 raise ValueError(f"{key}: needs at least one value")
             seen: list[Any] = []
             for x in values:
-                if any(type(x) is type(y) and x == y for y in seen):
+                if any(_same(x, y) for y in seen):
                     raise ValueError(f"{key}: duplicate value {x!r}")
                 seen.append(x)
         return v
@@ -460,7 +465,8 @@ def parse_only(sweep: Sweep, items: list[str]) -> dict[str, tuple[Any, ...]]:
         if not matches:
             values = ", ".join(_fmt(v) for v in grid[key])
             raise ConfigError(f"--only {item!r}: {text.strip()!r} is not a grid value of {key} ({values})")
-        chosen.setdefault(key, []).extend(m for m in matches if m not in chosen.get(key, []))
+        values = chosen.setdefault(key, [])
+        values.extend(m for m in matches if not any(_same(m, v) for v in values))
     return {k: tuple(v) for k, v in chosen.items()}
 
 
@@ -471,14 +477,11 @@ def select(cells: list[Cell], only: dict[str, tuple[Any, ...]]) -> list[Cell]:
 
     def matches(cell: Cell) -> bool:
         settings = dict(cell.settings)
-        return all(
-            any(type(settings[k]) is type(v) and settings[k] == v for v in values)
-            for k, values in only.items()
-        )
+        return all(any(_same(settings[k], v) for v in values) for k, values in only.items())
 
-    federated = [c for c in cells if c.kind == "federated" and matches(c)]
-    needed = {c.baseline_cell for c in federated}
-    return [c for c in cells if (c.kind == "baselines" and c.name in needed) or c in federated]
+    keep = {c.name for c in cells if c.kind == "federated" and matches(c)}
+    keep |= {c.baseline_cell for c in cells if c.name in keep and c.baseline_cell}
+    return [c for c in cells if c.name in keep]
 
 
 def run_sweep(
