@@ -149,6 +149,12 @@ class FederationConfig(_Strict):
         default="none", description="client->server transport of the adapter delta"
     )
     error_feedback: bool = Field(default=True, description="carry each client's quantisation error forward")
+    residual_dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        default="float32", description="precision error-feedback residuals are kept in between rounds"
+    )
+    residual_cache_mib: float = Field(
+        default=64, ge=0, description="memory for residuals; the rest wait in the run's checkpoint/clients/"
+    )
     group_strategies: dict[str, str] = Field(
         default_factory=dict, description="per adapter group (the family's towers, alignment), a strategy"
     )

@@ -17,6 +17,7 @@ from fedumm.client.site import Site
 from fedumm.client.train import num_steps
 from fedumm.engines.base import ENGINES, FederationSetup
 from fedumm.fl.compress import apply_delta, decode, delta_of, encode
+from fedumm.fl.residuals import ResidualStore
 from fedumm.progress import NullProgress, Progress
 from fedumm.server.rounds import RoundLoop, RoundOutcome
 from fedumm.server.trust import trust_settings
@@ -39,10 +40,12 @@ class InProcessEngine:
         frozen_suffixes: tuple[str, ...] = (),
         codec: str = "none",
         error_feedback: bool = True,
+        residuals: ResidualStore | None = None,
     ) -> None:
         self.codec = codec
         self.error_feedback = error_feedback
-        self.residuals: dict[str, dict[str, torch.Tensor]] = {}  # client-side error-feedback memory
+        # client-side error-feedback memory: bounded in memory, on disk under a run directory
+        self.residuals = residuals if residuals is not None else ResidualStore()
         self.proximal_mu = proximal_mu
         self.frozen_suffixes = tuple(frozen_suffixes)
         self.sites = sites
@@ -79,7 +82,7 @@ class InProcessEngine:
                 residual = self.residuals.get(cid) if self.error_feedback else None
                 tensors, new_residual = encode(delta, self.codec, residual=residual)
                 if self.error_feedback:
-                    self.residuals[cid] = new_residual
+                    self.residuals.put(cid, rnd, new_residual)
                 update = replace(update, state=tensors)
             payload = pack_update(update, codec=self.codec)
             up_bytes[cid] = len(payload)
@@ -93,14 +96,19 @@ class InProcessEngine:
         return RoundOutcome(updates=updates, bytes_up=up_bytes, bytes_down=down_bytes)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """Client-side state that a resumed run needs (error-feedback residuals), flattened."""
-        return {f"{cid}/{k}": t for cid, res in sorted(self.residuals.items()) for k, t in res.items()}
+        """Client-side state for the round's checkpoint file: none, the residuals keep their own files."""
+        return {}
 
-    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
-        self.residuals = {}
+    def load_state_dict(self, state: Mapping[str, torch.Tensor], *, done: int = 0) -> None:
+        """Resume after round ``done``: residuals written later are dropped; ``state`` is the flat
+        ``<client>/<key>`` map that checkpoints held before residuals had their own files."""
+        self.residuals.rewind(done)
+        legacy: dict[str, dict[str, torch.Tensor]] = {}
         for flat, t in state.items():
             cid, _, key = flat.partition("/")
-            self.residuals.setdefault(cid, {})[key] = t.clone()
+            legacy.setdefault(cid, {})[key] = t
+        for cid, residual in sorted(legacy.items()):
+            self.residuals.put(cid, done, residual)
 
 
 @ENGINES.register("inprocess")
@@ -115,8 +123,13 @@ def run_inprocess(setup: FederationSetup) -> AdapterState:
         frozen_suffixes=setup.strategy.frozen_suffixes,
         codec=fed.compression,
         error_feedback=fed.error_feedback,
+        residuals=ResidualStore(
+            setup.run.checkpoint_dir / "clients",
+            dtype=fed.residual_dtype,
+            cache_bytes=int(fed.residual_cache_mib * 2**20),
+        ),
     )
-    engine.load_state_dict(setup.client_state)
+    engine.load_state_dict(setup.client_state, done=setup.start_round - 1)
     on_round = setup.on_round
 
     def record(rec, state) -> None:
