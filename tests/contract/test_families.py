@@ -128,6 +128,21 @@ def test_task_hooks_are_seeded_and_shaped(name, tiny_checkpoints, tiny_world):
 
 
 @pytest.mark.parametrize("name", FAMILIES)
+def test_cached_encodings_give_the_batches_a_fresh_family_builds(name, tiny_checkpoints, tiny_world):
+    warm, fresh = _load(name, tiny_checkpoints), _load(name, tiny_checkpoints)
+    vqa, _ = _samples(tiny_world, n=12)
+    warm.vqa_batch(vqa[:8], with_answers=True)
+    assert len(warm.encodings) > 0 and warm.encodings.nbytes > 0
+    for with_answers in (True, False):  # overlapping, reordered: half cached, half not
+        part = vqa[11:3:-1]
+        a = warm.vqa_batch(part, with_answers=with_answers)
+        b = fresh.vqa_batch(part, with_answers=with_answers)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    warm.encodings.clear()
+    assert len(warm.encodings) == 0 and warm.encodings.nbytes == 0
+
+
+@pytest.mark.parametrize("name", FAMILIES)
 def test_pretrained_prompts_drop_the_alignment_tokens(name, tiny_checkpoints):
     fam = _load(name, tiny_checkpoints, alignment=2)
     assert fam.num_alignment == 2 and len(fam.alignment_token_ids()) == 2

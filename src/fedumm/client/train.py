@@ -21,6 +21,7 @@ __all__ = [
     "ClientData",
     "TrainSpec",
     "TrainResult",
+    "epoch_batches",
     "run_client_round",
     "split_local_val",
     "train_local",
@@ -74,7 +75,7 @@ def num_steps(n: int, spec: TrainSpec, n_gen: int = 0) -> int:
     return spec.epochs * math.ceil(batches / spec.grad_accum)
 
 
-def _epoch_batches(
+def epoch_batches(
     n: int, n_gen: int, spec: TrainSpec, gen: torch.Generator, gen_gen: torch.Generator
 ) -> list[tuple[str, list[int]]]:
     """One epoch's batches: ('vqa' | 'caption', indices), task order shuffled when both are present."""
@@ -126,7 +127,7 @@ def train_local(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # LoRA dropout, if any
         for _ in range(spec.epochs):
-            batches = _epoch_batches(len(samples), len(gen_samples), spec, gen, gen_gen)
+            batches = epoch_batches(len(samples), len(gen_samples), spec, gen, gen_gen)
             last_epoch_losses = {"vqa": [], "caption": []}
             opt.zero_grad(set_to_none=True)
             for b, (task, idx) in enumerate(batches):

@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from peft import PeftModel
     from PIL import Image
 
+    from fedumm.models.images import EncodingCache
     from fedumm.progress import Progress
 
 __all__ = [
@@ -254,6 +255,8 @@ class ModelFamily(ABC):
     base: torch.nn.Module
     model: PeftModel | None
     device: torch.device
+    # what the task hooks compute once per image or prompt (pixels, token ids); clear() forgets it
+    encodings: EncodingCache
 
     # ---- loading -------------------------------------------------------------------------------------
     @classmethod

@@ -28,7 +28,7 @@ from fedumm.models.blip3o import INFO
 from fedumm.models.blip3o import generation as G
 from fedumm.models.blip3o.model import Blip3oModel
 from fedumm.models.blip3o.tiny import IMAGE_PAD, QUERY_START, VISION_END, build_image_processor
-from fedumm.models.images import ImageCache
+from fedumm.models.images import EncodingCache, ImageCache
 
 if TYPE_CHECKING:
     from peft import PeftModel
@@ -75,7 +75,7 @@ class Blip3oFamily(ModelFamily):
             raise ConfigError(f"the generation template must contain '{{text}}', got {generation_template!r}")
         self.generation_template = generation_template
         self.images = ImageCache()
-        self._patches: dict[Path, tuple[torch.Tensor, torch.Tensor]] = {}  # understanding inputs per image
+        self.encodings = EncodingCache()  # patches per image, token ids per prompt and answer
         self._features: dict[Path, torch.Tensor] = {}  # frozen target features per training image
         self.alignment: tuple[str, ...] = ()
         self.use_alignment(alignment_tokens)
@@ -254,12 +254,19 @@ class Blip3oFamily(ModelFamily):
     # ---- understanding (VQA) -------------------------------------------------------------------------
     def _image_inputs(self, path: Path) -> tuple[torch.Tensor, torch.Tensor]:
         """(patches (n, 3*2*p*p), grid_thw (3,)) of one image, cached: the image processor is slow."""
-        got = self._patches.get(path)
+        got = self.encodings.get(("patches", path))
         if got is None:
             enc = self.image_processor([self.images.get(path)], return_tensors="pt")
             got = (enc["pixel_values"], enc["image_grid_thw"][0])
-            self._patches[path] = got
+            self.encodings.put(("patches", path), got)
         return got
+
+    def _token_ids(self, kind: str, text: str, **kwargs: Any) -> list[int]:
+        got = self.encodings.get((kind, text))
+        if got is None:
+            got = self.tokenizer(text, **kwargs)["input_ids"]
+            self.encodings.put((kind, text), got)
+        return list(got)
 
     def _image_tokens(self, grid_thw: torch.Tensor) -> int:
         merge = int(self.base.backbone.config.vision_config.spatial_merge_size)
@@ -280,12 +287,11 @@ class Blip3oFamily(ModelFamily):
         pad = self.tokenizer.pad_token_id
         seqs, labels = [], []
         for s, (_, grid) in zip(samples, inputs, strict=True):
-            ids = self.tokenizer(self._vqa_prompt(s.question, self._image_tokens(grid)))["input_ids"]
+            ids = self._token_ids("prompt", self._vqa_prompt(s.question, self._image_tokens(grid)))
             lab = [-100] * len(ids)
             if with_answers:
-                ans = self.tokenizer(" " + s.multiple_choice_answer, add_special_tokens=False)[
-                    "input_ids"
-                ] + [eos]
+                ans = self._token_ids("answer", " " + s.multiple_choice_answer, add_special_tokens=False)
+                ans = ans + [eos]
                 ids, lab = ids + ans, lab + ans
             seqs.append(ids)
             labels.append(lab)

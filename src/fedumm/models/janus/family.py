@@ -18,7 +18,7 @@ from transformers import AutoTokenizer, GenerationConfig, JanusForConditionalGen
 
 from fedumm.errors import ConfigError
 from fedumm.models.base import FamilyOptions, ModelFamily
-from fedumm.models.images import ImageCache
+from fedumm.models.images import EncodingCache, ImageCache
 from fedumm.models.janus import INFO
 
 if TYPE_CHECKING:
@@ -77,6 +77,7 @@ class JanusFamily(ModelFamily):
         self.max_answer_tokens = max_answer_tokens
         self.device = torch.device(device)
         self.images = ImageCache()
+        self.encodings = EncodingCache()  # pixels per image, token ids per prompt and answer
         self._image_tokens: dict[Path, torch.Tensor] = {}  # frozen VQ codes of training images
         self.alignment: tuple[str, ...] = ()
         self.use_alignment(alignment_tokens)
@@ -90,6 +91,7 @@ class JanusFamily(ModelFamily):
         (generation: the prompt's last tokens before begin-of-image)."""
         image_token = self.tokenizer.image_token
         template = self.prompt_template.replace(image_token + "".join(self.alignment), image_token, 1)
+        self.encodings.clear()  # new tokens may tokenize cached text differently
         self.alignment = self._alignment_tokens(n)
         self.prompt_template = template.replace(image_token, image_token + "".join(self.alignment), 1)
 
@@ -239,16 +241,44 @@ class JanusFamily(ModelFamily):
     def _prompts(self, samples: Sequence[Any]) -> list[str]:
         return [self.prompt_template.format(question=s.question) for s in samples]
 
+    def _encode(self, samples: Sequence[Any], prompts: Sequence[str]) -> tuple[list, torch.Tensor]:
+        """Prompt ids (image token expanded to boi + N image tokens + eoi) and pixels, cached.
+
+        Only what the cache lacks goes through the processor, in one call: every image and every
+        prompt is processed on its own inside it, so cached and fresh encodings are the same."""
+        paths = [Path(s.image_path) for s in samples]
+        ids = {p: self.encodings.get(("prompt", p)) for p in dict.fromkeys(prompts)}
+        pixels = {p: self.encodings.get(("pixels", p)) for p in dict.fromkeys(paths)}
+        missing = [
+            i
+            for i, (t, p) in enumerate(zip(prompts, paths, strict=True))
+            if ids[t] is None or pixels[p] is None
+        ]
+        if missing:
+            enc = self.processor(
+                text=[prompts[i] for i in missing],
+                images=[self.images.get(paths[i]) for i in missing],
+                return_tensors="pt",
+                padding=True,
+            )
+            for j, i in enumerate(missing):
+                row = enc["input_ids"][j][enc["attention_mask"][j].bool()].tolist()
+                ids[prompts[i]] = row
+                pixels[paths[i]] = enc["pixel_values"][j].clone()  # not a view of the whole batch
+                self.encodings.put(("prompt", prompts[i]), row)
+                self.encodings.put(("pixels", paths[i]), pixels[paths[i]])
+        return [ids[t] for t in prompts], torch.stack([pixels[p] for p in paths])
+
+    def _answer_ids(self, answer: str) -> list[int]:
+        got = self.encodings.get(("answer", answer))
+        if got is None:
+            got = self.tokenizer(" " + answer, add_special_tokens=False)["input_ids"]
+            self.encodings.put(("answer", answer), got)
+        return got
+
     def vqa_batch(self, samples: Sequence[Any], *, with_answers: bool) -> dict[str, torch.Tensor]:
         """Token ids (prompt [+ answer + eos]), attention mask, pixels and labels (answer tokens only)."""
-        prompts = self._prompts(samples)
-        imgs = [self.images.get(Path(s.image_path)) for s in samples]
-        # the processor expands each image token to boi + N image tokens + eoi
-        enc = self.processor(text=prompts, images=imgs, return_tensors="pt", padding=True)
-        pixel_values = enc["pixel_values"]  # (B, 3, H, W)
-        prompt_ids = [
-            row[m.bool()].tolist() for row, m in zip(enc["input_ids"], enc["attention_mask"], strict=True)
-        ]
+        prompt_ids, pixel_values = self._encode(samples, self._prompts(samples))  # pixels (B, 3, H, W)
         eos = self.tokenizer.eos_token_id
         pad = self.tokenizer.pad_token_id
         seqs, labels = [], []
@@ -256,9 +286,7 @@ class JanusFamily(ModelFamily):
             ids = list(ids)
             lab = [-100] * len(ids)
             if with_answers:
-                ans = self.tokenizer(" " + s.multiple_choice_answer, add_special_tokens=False)[
-                    "input_ids"
-                ] + [eos]
+                ans = self._answer_ids(s.multiple_choice_answer) + [eos]
                 ids += ans
                 lab += ans
             seqs.append(ids)
