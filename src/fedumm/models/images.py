@@ -16,11 +16,19 @@ __all__ = ["EncodingCache", "ImageCache"]
 
 
 class ImageCache:
-    """Small LRU of decoded RGB images, so an image asked about by several questions is read once."""
+    """LRU of decoded RGB images, so an image asked about by several questions is read once.
 
-    def __init__(self, capacity: int = 20000) -> None:
-        self.capacity = capacity
+    Bounded in bytes of pixel data (``capacity_bytes``): a cross-device round meets thousands of
+    images it may not meet again, and the decoded files of a large world do not all fit."""
+
+    def __init__(self, capacity_bytes: int = 32 << 20) -> None:
+        self.capacity_bytes = capacity_bytes
         self._items: OrderedDict[Path, Image.Image] = OrderedDict()
+        self.nbytes = 0
+
+    @staticmethod
+    def _size(img: Image.Image) -> int:
+        return img.width * img.height * len(img.getbands())
 
     def get(self, path: str | Path) -> Image.Image:
         path = Path(path)
@@ -32,11 +40,16 @@ class ImageCache:
             except (OSError, ValueError) as exc:
                 raise DataError(f"{path}: cannot read image ({exc})") from None
             self._items[path] = img
-            if len(self._items) > self.capacity:
-                self._items.popitem(last=False)
+            self.nbytes += self._size(img)
+            while self.nbytes > self.capacity_bytes and len(self._items) > 1:
+                _, old = self._items.popitem(last=False)
+                self.nbytes -= self._size(old)
         else:
             self._items.move_to_end(path)
         return img
+
+    def __len__(self) -> int:
+        return len(self._items)
 
 
 class EncodingCache:
@@ -46,7 +59,7 @@ class EncodingCache:
     once; ``capacity_bytes`` keeps a large world (cross-device runs) from holding all of them.
     """
 
-    def __init__(self, capacity_bytes: int = 256 << 20) -> None:
+    def __init__(self, capacity_bytes: int = 64 << 20) -> None:
         self.capacity_bytes = capacity_bytes
         self._items: OrderedDict[Hashable, tuple[Any, int]] = OrderedDict()
         self.nbytes = 0
