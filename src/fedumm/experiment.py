@@ -33,8 +33,10 @@ from fedumm.config import Config, dump_config
 from fedumm.data.partition import save_partition
 from fedumm.engines import FederationSetup, run_federation
 from fedumm.errors import CheckpointError, ConfigError
+from fedumm.eval.clients import client_accuracies
 from fedumm.eval.generation import GenerationEvalSpec, evaluate_generation, flat_metrics, load_prompts
-from fedumm.eval.tasks import evaluate_captions, evaluate_vqa
+from fedumm.eval.tasks import evaluate_captions, evaluate_vqa, vqa_predictions
+from fedumm.eval.vqa import accuracy_from_answers
 from fedumm.fl.strategies import make_strategy
 from fedumm.models.lora_state import get_adapter_state, set_adapter_state_, state_num_params
 from fedumm.plots import plot_accuracy_per_round
@@ -42,7 +44,7 @@ from fedumm.progress import NullProgress, Progress
 from fedumm.seeding import derive_seed
 from fedumm.server.run_dir import RunDir
 from fedumm.server.trust import trust_settings
-from fedumm.summary import RunSummary, SettingResult
+from fedumm.summary import ClientAccuracy, RunSummary, SettingResult
 from fedumm.types import AdapterState, RoundRecord
 from fedumm.wire import pack_state
 
@@ -116,6 +118,19 @@ def run_experiment(
         progress.finish("eval")
         return acc
 
+    # each client's own answer mix (train and local validation), for the per-client view of the test split
+    client_answers = {n: [s.multiple_choice_answer for s in (*d.train, *d.val)] for n, d in splits.items()}
+
+    def evaluate_test(state: AdapterState, label: str) -> tuple[float, dict[str, ClientAccuracy]]:
+        """Test accuracy, and every client's accuracy on its own answer distribution (same answers)."""
+        set_adapter_state_(family.model, state)
+        progress.start("eval", f"eval {label}", -(-len(data.test) // bs))
+        preds = vqa_predictions(
+            family, data.test, batch_size=bs, progress=lambda d, t: progress.update("eval", d)
+        )
+        progress.finish("eval")
+        return accuracy_from_answers(preds, data.test), client_accuracies(preds, data.test, client_answers)
+
     def generation_loss(state: AdapterState, samples: Sequence) -> float | None:
         """In-domain generation: the family's generation loss on held-out captions (None without any)."""
         if not samples:
@@ -182,11 +197,12 @@ def run_experiment(
         if cfg.baselines.zero_shot and summary.zero_shot is None:
             # the pretrained model as shipped: LoRA B = 0 and no alignment tokens in its prompts
             with family.pretrained_prompts():
-                acc = evaluate(initial, data.test, "zero-shot (test)")
+                acc, per_client = evaluate_test(initial, "zero-shot (test)")
                 val = evaluate(initial, data.val, "zero-shot (val)")
                 summary = summary.with_(
                     zero_shot=SettingResult(
                         vqa_accuracy=acc,
+                        client_vqa=per_client,
                         val_vqa_accuracy=val,
                         generation_loss=generation_loss(initial, data.test_captions),
                         geneval=_geneval_of(evaluate_gen(initial, "zero-shot", "zero-shot")),
@@ -210,11 +226,12 @@ def run_experiment(
             )
             progress.finish("central")
             central_state = get_adapter_state(family.model)
-            acc = evaluate(central_state, data.test, "centralized (test)")
+            acc, per_client = evaluate_test(central_state, "centralized (test)")
             val = evaluate(central_state, data.val, "centralized (val)")
             summary = summary.with_(
                 centralized=SettingResult(
                     vqa_accuracy=acc,
+                    client_vqa=per_client,
                     val_vqa_accuracy=val,
                     train_loss=res.loss,
                     generation_loss=generation_loss(central_state, data.test_captions),
@@ -266,9 +283,11 @@ def run_experiment(
         )
         progress.finish("rounds")
         last = rounds_done[-1]["global"]
+        acc, per_client = evaluate_test(final, "federated (test)")
         summary = summary.with_(
             federated=SettingResult(
-                vqa_accuracy=evaluate(final, data.test, "federated (test)"),
+                vqa_accuracy=acc,
+                client_vqa=per_client,
                 val_vqa_accuracy=last["vqa_accuracy"],
                 rounds=fed.rounds,
                 generation_loss=generation_loss(final, data.test_captions),

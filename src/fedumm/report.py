@@ -59,6 +59,10 @@ class RunResult:
     geneval_baselines: dict = field(default_factory=dict)  # "zero-shot" / "centralized" -> GenEval
     # the variant without the model family: runs that differ only in their family pair up side by side
     base_variant: str = ""
+    # the federated model on each client's own answer distribution: mean, 10th percentile, worst
+    client_mean: float | None = None
+    client_p10: float | None = None
+    client_worst: float | None = None
 
     @property
     def finished(self) -> bool:
@@ -160,7 +164,13 @@ def _load_run(
             if (g := _geneval(row)) is not None
         },
         base_variant=base_variant,
+        **_client_view(summary.federated),
     )
+
+
+def _client_view(entry: SettingResult | None) -> dict[str, float | None]:
+    view = entry.client_vqa_summary if entry is not None else {}
+    return {f"client_{k}": view.get(k) for k in ("mean", "p10", "worst")}  # type: ignore[misc]
 
 
 def _variant(settings: dict, skip: tuple[str, ...] = ()) -> str:
@@ -316,6 +326,40 @@ def _accuracy_tables(runs: list[RunResult]) -> list[str]:
         "Retention (federated / centralized of the same seed, %):",
         "",
         *_table(header, retention),
+    ]
+
+
+def _worst_client_section(groups: dict[tuple[str, str], list[RunResult]]) -> list[str]:
+    """Per strategy: global accuracy beside the clients' mean, 10th percentile and worst."""
+    lines: list[str] = []
+    for (strategy, variant), runs in groups.items():
+        runs = [r for r in runs if r.client_worst is not None]
+        if not runs:
+            continue
+        cells = sorted({(r.clients, r.alpha) for r in runs})
+        rows = []
+        for k, a in cells:
+            at = [r for r in runs if (r.clients, r.alpha) == (k, a)]
+            rows.append(
+                [
+                    k,
+                    _alpha(a),
+                    _mean_std([r.federated for r in at]),
+                    _mean_std([r.client_mean for r in at]),
+                    _mean_std([r.client_p10 for r in at]),
+                    _mean_std([r.client_worst for r in at]),
+                    len(at),
+                ]
+            )
+        header = ["K", "alpha", "global", "client mean", "client p10", "worst client", "seeds"]
+        lines += [f"### Strategy {_title(strategy, variant)}", "", *_table(header, rows)]
+    if not lines:
+        return ["No run reports per-client accuracy (summary.json `client_vqa`).", ""]
+    return [
+        "The federated model on each client's own answer distribution (the test split re-weighted",
+        "to the answers the client holds; `fedumm.eval.clients`), %, mean ± std over seeds:",
+        "",
+        *lines,
     ]
 
 
@@ -599,6 +643,7 @@ def write_report(results: Sequence[RunResult], out_dir: str | Path) -> Path:
         lines += ["No finished runs.", ""]
     for (strategy, variant), runs in groups.items():
         lines += [f"### Strategy {_title(strategy, variant)}", "", *_accuracy_tables(runs)]
+    lines += ["## Worst-client accuracy", "", *_worst_client_section(groups)]
     lines += ["## Communication per round", "", *_communication_table(results)]
     lines += ["## Accuracy per round", ""]
     for (strategy, variant), runs in groups.items():

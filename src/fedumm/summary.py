@@ -25,6 +25,54 @@ def _number(value: Any, where: str) -> float | None:
     return float(value)
 
 
+@dataclass(frozen=True)
+class ClientAccuracy:
+    """One client's test accuracy on its own answer distribution (see :mod:`fedumm.eval.clients`)."""
+
+    accuracy: float  # percent, on the client's answer distribution
+    coverage: float  # share of the client's training answers present in the test split
+
+
+def _percentile(values: list[float], q: float) -> float:
+    """numpy's default (linear) percentile, without numpy in this foundation module."""
+    xs = sorted(values)
+    pos = (len(xs) - 1) * q / 100
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+def worst_client_summary(accuracies: Mapping[str, ClientAccuracy]) -> dict[str, float | str]:
+    """Mean, worst (and which client) and 10th percentile (linear interpolation) of the accuracies."""
+    if not accuracies:
+        return {}
+    values = [a.accuracy for a in accuracies.values()]
+    worst = min(accuracies, key=lambda c: (accuracies[c].accuracy, c))
+    return {
+        "mean": round(sum(values) / len(values), 2),
+        "worst": accuracies[worst].accuracy,
+        "p10": round(_percentile(values, 10), 2),
+        "worst_client": worst,
+    }
+
+
+def _client_vqa(value: Any, where: str) -> dict[str, ClientAccuracy]:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise DataError(f"{where}: expected an object client -> {{accuracy, coverage}}, got {value!r}")
+    out = {}
+    for cid, rec in value.items():
+        if not isinstance(rec, Mapping):
+            raise DataError(f"{where}.{cid}: expected {{accuracy, coverage}}, got {rec!r}")
+        acc = _number(rec.get("accuracy"), f"{where}.{cid}.accuracy")
+        cov = _number(rec.get("coverage"), f"{where}.{cid}.coverage")
+        if acc is None or cov is None:
+            raise DataError(f"{where}.{cid}: needs both accuracy and coverage")
+        out[str(cid)] = ClientAccuracy(accuracy=acc, coverage=cov)
+    return out
+
+
 def _integer(value: Any, where: str) -> int | None:
     if value is None:
         return None
@@ -50,6 +98,13 @@ class SettingResult:
     wall_time_s: float | None = None
     # backdoor runs: share of triggered test questions answered with the target (percent)
     attack_success: float | None = None
+    # each client's test accuracy on its own answer distribution (fedumm.eval.clients)
+    client_vqa: Mapping[str, ClientAccuracy] = field(default_factory=dict)
+
+    @property
+    def client_vqa_summary(self) -> dict[str, float | str]:
+        """Mean, worst, worst_client and p10 of :attr:`client_vqa` (empty without it)."""
+        return worst_client_summary(self.client_vqa)
 
     @property
     def geneval_overall(self) -> float | None:
@@ -69,6 +124,12 @@ class SettingResult:
         out.update({f"{GENEVAL_PREFIX}{k}": v for k, v in self.geneval.items()})
         if self.wall_time_s is not None:
             out["wall_time_s"] = self.wall_time_s
+        if self.client_vqa:
+            out.update({f"client_vqa_{k}": v for k, v in self.client_vqa_summary.items()})
+            out["client_vqa"] = {
+                c: {"accuracy": a.accuracy, "coverage": a.coverage}
+                for c, a in sorted(self.client_vqa.items())
+            }
         return out
 
     @classmethod
@@ -95,6 +156,7 @@ class SettingResult:
             rounds=_integer(obj.get("rounds"), f"{where}.rounds"),
             wall_time_s=_number(obj.get("wall_time_s"), f"{where}.wall_time_s"),
             attack_success=_number(obj.get("attack_success"), f"{where}.attack_success"),
+            client_vqa=_client_vqa(obj.get("client_vqa"), f"{where}.client_vqa"),
         )
 
 

@@ -65,6 +65,12 @@ def test_run_directory_contents(finished_run):
     assert [r["round"] for r in rounds] == [1, 2]
     assert set(rounds[0]["client_metrics"]) == {"site-01", "site-02"}
     assert json.loads((out / "summary.json").read_text()) == summary.to_json()
+    for key in ("zero_shot", "centralized", "federated"):  # every client's view of the test split
+        row = summary.setting(key)
+        assert set(row.client_vqa) == {"site-01", "site-02"}
+        worst = row.client_vqa_summary
+        assert worst["worst"] == min(a.accuracy for a in row.client_vqa.values())
+        assert all(0 < a.coverage <= 1 for a in row.client_vqa.values())
 
 
 def test_ledger_counts_real_payloads(finished_run):

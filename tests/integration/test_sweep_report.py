@@ -267,6 +267,15 @@ def test_report_tables_match_the_summaries(swept, tmp_path):
     expected = [f"{100 * v / central:.2f}" if central else "-" for v in fed]
     assert retention[1] == ["2", *expected]
 
+    worst = _md_table(md, "to the answers the client holds")
+    assert worst[0] == ["K", "alpha", "global", "client mean", "client p10", "worst client", "seeds"]
+    for row, name in zip(worst[1:], ("K2-a0.5-s0", INTERRUPTED), strict=True):
+        f = summaries[name]["federated"]
+        keys = ("vqa_accuracy", "client_vqa_mean", "client_vqa_p10", "client_vqa_worst")
+        view = [f"{f[k]:.2f}" for k in keys]
+        assert row == ["2", name.split("-a")[1].split("-")[0], *view, "1"]
+        assert f["client_vqa_worst"] == min(c["accuracy"] for c in f["client_vqa"].values())
+
     comm = _md_table(md, "Bytes per round as serialised")
     assert comm[0][:2] == ["strategy", "K"]
     (row,) = comm[1:]

@@ -10,7 +10,7 @@ import torch
 from fedumm.errors import ConfigError
 from fedumm.eval.vqa import accuracy_from_answers
 
-__all__ = ["evaluate_vqa", "evaluate_captions"]
+__all__ = ["evaluate_vqa", "evaluate_captions", "vqa_predictions"]
 
 Progress = Callable[[int, int], None]  # (batches done, batches total)
 
@@ -40,10 +40,10 @@ def evaluate_captions(family, samples: Sequence, *, batch_size: int = 64, seed: 
     return total / count
 
 
-def evaluate_vqa(
+def vqa_predictions(
     family, samples: Sequence, *, batch_size: int = 64, progress: Progress | None = None
-) -> float:
-    """Official VQA accuracy (percent, 2 decimals) of the current model on ``samples``."""
+) -> dict[int, str]:
+    """The current model's answer to every sample (question id -> answer)."""
     if not samples:
         raise ConfigError("evaluate_vqa: no evaluation samples")
     preds: dict[int, str] = {}
@@ -54,4 +54,12 @@ def evaluate_vqa(
             preds[s.question_id] = a
         if progress:
             progress(b + 1, total)
+    return preds
+
+
+def evaluate_vqa(
+    family, samples: Sequence, *, batch_size: int = 64, progress: Progress | None = None
+) -> float:
+    """Official VQA accuracy (percent, 2 decimals) of the current model on ``samples``."""
+    preds = vqa_predictions(family, samples, batch_size=batch_size, progress=progress)
     return accuracy_from_answers(preds, samples)
