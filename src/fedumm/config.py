@@ -220,6 +220,16 @@ class GenEvalConfig(_Strict):
     temperature: float = Field(default=1.0, ge=0.0)
     grid_prompts: int = Field(default=12, ge=0, description="prompts shown in each image-grid PNG")
     every: int = Field(default=1, ge=1, description="score every N rounds (the last round always)")
+    held_out: bool = Field(
+        default=False,
+        description="also score the built-in prompts whose compositions occur in no training caption",
+    )
+
+    @model_validator(mode="after")
+    def _held_out_builtin(self) -> GenEvalConfig:
+        if self.held_out and self.metadata is not None:
+            raise ValueError("held_out: the held-out-composition set is built from the built-in prompts")
+        return self
 
 
 class NvflareConfig(_Strict):

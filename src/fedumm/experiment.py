@@ -30,6 +30,7 @@ from fedumm.client.site import (
 )
 from fedumm.client.train import num_steps, train_local
 from fedumm.config import Config, dump_config
+from fedumm.data.contamination import CaptionIndex, contamination, held_out_prompt_set
 from fedumm.data.partition import save_partition
 from fedumm.engines import FederationSetup, run_federation
 from fedumm.errors import CheckpointError, ConfigError
@@ -145,6 +146,19 @@ def run_experiment(
         if cfg.geneval.enabled
         else []
     )
+    contaminated: dict[str, int] = {}
+    held_out: list = []
+    if prompts:
+        # the GenEval prompts against the captions of the train split (what clients may train on)
+        index = CaptionIndex(c.caption for c in data.captions)
+        contaminated = contamination(prompts, index)
+        log.info(
+            "GenEval prompts among the training captions: %(verbatim)d of %(prompts)d verbatim,"
+            " %(composition)d by composition",
+            contaminated,
+        )
+        if cfg.geneval.held_out:
+            held_out = held_out_prompt_set(index, seed=cfg.seed, per_tag=cfg.geneval.per_tag)
     gen_spec = GenerationEvalSpec(
         images_per_prompt=cfg.geneval.images_per_prompt,
         guidance_scale=cfg.geneval.guidance_scale,
@@ -169,7 +183,15 @@ def run_experiment(
             progress=lambda d, t: progress.update("geneval", d),
         )
         progress.finish("geneval")
-        return flat_metrics(result)
+        metrics = flat_metrics(result)
+        if held_out:
+            progress.start("geneval", f"GenEval {label}, held-out compositions", n_batches)
+            result = evaluate_generation(
+                family, held_out, spec=gen_spec, progress=lambda d, t: progress.update("geneval", d)
+            )
+            progress.finish("geneval")
+            metrics |= flat_metrics(result, prefix="geneval_held_out")
+        return metrics
 
     trust = trust_settings(cfg)
     summary = RunSummary(
@@ -181,6 +203,7 @@ def run_experiment(
         adapter_params=state_num_params(initial),
         adapter_payload_bytes=len(pack_state(initial)),
         adversarial_clients=tuple(sorted(trust.adversaries)),
+        geneval_contamination=contaminated,
         noise_multiplier=trust.privacy.noise_multiplier if trust.privacy else None,
         privacy_delta=trust.privacy.delta if trust.privacy else None,
     )

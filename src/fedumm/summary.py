@@ -185,6 +185,8 @@ class RunSummary:
     privacy_delta: float | None = None
     noise_multiplier: float | None = None
     adversarial_clients: tuple[str, ...] = ()  # simulated attackers (adversary: in the config)
+    # GenEval prompts among the training captions: prompts, verbatim, composition, unread (data.contamination)
+    geneval_contamination: Mapping[str, int] = field(default_factory=dict)
 
     @property
     def finished(self) -> bool:
@@ -228,6 +230,8 @@ class RunSummary:
             }
         if self.adversarial_clients:
             out["adversarial_clients"] = list(self.adversarial_clients)
+        if self.geneval_contamination:
+            out["geneval_contamination"] = dict(self.geneval_contamination)
         return out
 
     @classmethod
@@ -271,7 +275,18 @@ class RunSummary:
             rounds_completed=_integer(obj.get("rounds_completed"), f"{source}: rounds_completed"),
             **_privacy_of(obj.get("privacy"), source),
             adversarial_clients=tuple(str(c) for c in obj.get("adversarial_clients") or ()),
+            geneval_contamination=_counts(
+                obj.get("geneval_contamination"), f"{source}: geneval_contamination"
+            ),
         )
+
+
+def _counts(obj: Any, where: str) -> dict[str, int]:
+    if obj is None:
+        return {}
+    if not isinstance(obj, Mapping):
+        raise DataError(f"{where}: expected an object of counts, got {obj!r}")
+    return {str(k): int(_integer(v, f"{where}.{k}") or 0) for k, v in obj.items()}
 
 
 def _privacy_of(obj: Any, source: str) -> dict[str, float | None]:

@@ -39,7 +39,13 @@ def hetero_run(tmp_path_factory, tiny_world, tiny_checkpoint):
             "rounds": 2,
             "client_tasks": ["understanding", "generation", "both", "both"],
         },
-        "geneval": {"enabled": True, "per_tag": 1, "images_per_prompt": 2, "grid_prompts": 6},
+        "geneval": {
+            "enabled": True,
+            "per_tag": 1,
+            "images_per_prompt": 2,
+            "grid_prompts": 6,
+            "held_out": True,
+        },
     }
     out = tmp_path_factory.mktemp("hetero")
     summary = run_experiment(load_config(None, tree=tree), out)
@@ -74,6 +80,24 @@ def test_rounds_report_vqa_and_geneval_and_per_task_client_metrics(hetero_run):
     for name in ("zero-shot", "centralized", "round-0001", "round-0002"):
         assert (out / "geneval" / f"{name}.png").stat().st_size > 1000
     assert (out / "geneval_per_round.png").is_file()
+
+
+def test_geneval_overlap_with_training_captions_is_reported_and_a_held_out_set_scored(hetero_run, tiny_world):
+    from fedumm.data.captions import load_captions
+    from fedumm.data.contamination import CaptionIndex, held_out_prompt_set
+
+    out, summary = hetero_run
+    c = summary.geneval_contamination
+    assert c["prompts"] == 6 and c["unread"] == 0 and 0 <= c["verbatim"] <= c["composition"] <= 6
+    index = CaptionIndex(s.caption for s in load_captions(tiny_world, "private"))
+    held = held_out_prompt_set(index, seed=0, per_tag=1)
+    assert held and not any(index.occurs(p.prompt) for p in held)
+    rounds = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    for g in [r["global"] for r in rounds] + [summary.federated.geneval]:
+        prefix = "geneval_held_out_" if "vqa_accuracy" in g else "held_out_"
+        assert 0.0 <= g[f"{prefix}overall"] <= 100.0
+        assert {f"{prefix}{p.tag}" for p in held} <= set(g)
+    assert json.loads((out / "summary.json").read_text())["geneval_contamination"] == c
 
 
 def test_in_domain_generation_loss_on_held_out_captions(hetero_run):

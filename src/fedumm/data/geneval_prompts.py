@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import itertools
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
@@ -197,11 +197,15 @@ def _select(groups: list[list[_Draft]], limit: int, rng: np.random.Generator) ->
     return [groups[g][v] for g, v in sorted(chosen)]
 
 
-def build_prompt_set(*, seed: int = 0, per_tag: int | None = None) -> list[GenEvalPrompt]:
+def build_prompt_set(
+    *, seed: int = 0, per_tag: int | None = None, keep: Callable[[str], bool] | None = None
+) -> list[GenEvalPrompt]:
     """GenEval prompts over the synthetic world, tags in GenEval's order, indices ``0..n-1``.
 
     Each tag takes ``per_tag`` prompts (default :data:`DEFAULT_PER_TAG`), or all of its distinct
     prompts when it has fewer; the choice depends only on ``seed``. No two prompts share a text.
+    ``keep`` filters the candidate texts before the choice (a held-out set keeps what no training
+    caption composes; a tag with no candidate left has no prompts).
     """
     if per_tag is None:
         per_tag = DEFAULT_PER_TAG
@@ -210,7 +214,10 @@ def build_prompt_set(*, seed: int = 0, per_tag: int | None = None) -> list[GenEv
     drafts: list[_Draft] = []
     for position, tag in enumerate(TAGS):
         rng = np.random.default_rng([seed, position])
-        drafts += _select(list(_GENERATORS[tag]()), per_tag, rng)
+        groups = list(_GENERATORS[tag]())
+        if keep is not None:
+            groups = [g for g in ([d for d in group if keep(d.prompt)] for group in groups) if g]
+        drafts += _select(groups, per_tag, rng)
     vocabulary = set(VOCABULARY)
     for draft in drafts:
         missing = [t for t in tokenize(draft.prompt) if t not in vocabulary]
