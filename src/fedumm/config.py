@@ -241,6 +241,9 @@ class NvflareConfig(_Strict):
     round_timeout_s: float = Field(default=600.0, gt=0, description="a client slower than this is dropped")
     start_timeout_s: float = Field(default=180.0, gt=0, description="POC start-up and job submission limit")
     launch_external_process: bool = Field(default=True, description="client trainer in its own process")
+    threads_per_site: int | None = Field(
+        default=None, ge=1, description="torch threads of each site process; null = the cores / the sites"
+    )
     quiet: bool = Field(default=True, description="only warnings from FLARE on the console")
 
     @model_validator(mode="after")

@@ -11,6 +11,8 @@ FLARE client process, applied on top of the config shipped in the job:
 - ``FEDUMM_MODEL_PATH``: this site's local copy of the backbone checkpoint (``model.path``)
 - ``FEDUMM_SITE_OVERRIDES``: a file of ``key=value`` lines, the same syntax as ``--set``
   (e.g. ``model.device=cuda``); blank lines and ``#`` comments are ignored
+- ``FEDUMM_TORCH_THREADS``: torch threads of this site's training (fedumm's simulator and local
+  POC runs set it, with OMP/MKL_NUM_THREADS, to the machine's cores divided by its sites)
 """
 
 from __future__ import annotations
@@ -33,11 +35,13 @@ __all__ = [
     "ENV_DATA_PATH",
     "ENV_MODEL_PATH",
     "ENV_SITE_OVERRIDES",
+    "ENV_TORCH_THREADS",
 ]
 
 ENV_DATA_PATH = "FEDUMM_DATA_PATH"
 ENV_MODEL_PATH = "FEDUMM_MODEL_PATH"
 ENV_SITE_OVERRIDES = "FEDUMM_SITE_OVERRIDES"
+ENV_TORCH_THREADS = "FEDUMM_TORCH_THREADS"  # torch threads of this site's trainer (set by fedumm's runners)
 
 
 def site_overrides(environ: os._Environ | dict | None = None) -> list[str]:
@@ -98,6 +102,11 @@ def main(argv: Sequence[str] | None = None, *, script_dir: str | Path | None = N
     from fedumm.engines.nvflare.controller import ERROR_KEY
 
     args = parse_args(argv)
+    threads = os.environ.get(ENV_TORCH_THREADS)
+    if threads:  # the run shares this machine's cores out between its sites
+        import torch
+
+        torch.set_num_threads(max(1, int(threads)))
     base = Path(script_dir) if script_dir else Path.cwd()
     flare_client.init()
     site = flare_client.get_site_name()

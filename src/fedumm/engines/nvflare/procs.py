@@ -21,13 +21,30 @@ from pathlib import Path
 
 import psutil
 
+from fedumm.engines.nvflare.client import ENV_TORCH_THREADS
 from fedumm.errors import EngineError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["TAG_ENV", "ProcessSet", "check_ports_free", "describe"]
+__all__ = ["TAG_ENV", "ProcessSet", "check_ports_free", "describe", "site_threads", "usable_cores"]
 
 TAG_ENV = "FEDUMM_NVFLARE_RUN"
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (its CPU affinity; os.cpu_count() where that is unknown)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def site_threads(requested: int | None, sites_here: int) -> int:
+    """Torch threads for each of ``sites_here`` site processes on this machine: ``requested``, or the
+    usable cores shared out (at least one), so that K trainers never run K x cores threads."""
+    if requested is not None:
+        return requested
+    return max(1, usable_cores() // max(1, sites_here))
 
 
 def describe(p: psutil.Process) -> str:
@@ -40,14 +57,19 @@ def describe(p: psutil.Process) -> str:
 class ProcessSet:
     """What one run started: its Popen objects, their descendants and everything carrying its tag."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, threads: int | None = None) -> None:
+        """``threads``: the torch/OpenMP threads each started process (and its trainers) may use."""
         self.tag = uuid.uuid4().hex
+        self.threads = threads
         self.popens: list[subprocess.Popen] = []
         self._seen: dict[int, float] = {}  # pid -> create_time (guards against pid reuse)
         self._logs: list = []
 
     def env(self, base: Mapping[str, str] | None = None, **extra: str) -> dict[str, str]:
         env = dict(os.environ if base is None else base)
+        if self.threads is not None:
+            n = str(self.threads)
+            env.update({ENV_TORCH_THREADS: n, "OMP_NUM_THREADS": n, "MKL_NUM_THREADS": n})
         env.update(extra)
         env[TAG_ENV] = self.tag
         return env

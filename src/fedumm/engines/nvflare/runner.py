@@ -24,7 +24,7 @@ import torch
 from fedumm.config import Config
 from fedumm.data.partition import load_partition
 from fedumm.engines.nvflare.job import build_job, group_map
-from fedumm.engines.nvflare.procs import ProcessSet
+from fedumm.engines.nvflare.procs import ProcessSet, site_threads
 from fedumm.engines.nvflare.results import ResultsReader, ServerRound, record_from_json
 from fedumm.errors import EngineError
 from fedumm.fl.strategies import Strategy
@@ -85,7 +85,8 @@ def run_nvflare(
         clients=clients,
         python=sys.executable,
     )
-    procs = ProcessSet()
+    # one machine runs every site here (simulator, local POC): share its cores out between them
+    procs = ProcessSet(threads=site_threads(cfg.nvflare.threads_per_site, len(clients)))
     if cfg.engine == "nvflare-sim":
         from fedumm.engines.nvflare.sim import SimBackend
 
