@@ -21,7 +21,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from memory_vs_clients import peak_tree_rss
+from memory_vs_clients import peak_tree_memory
 
 
 def main() -> None:
@@ -66,7 +66,7 @@ def main() -> None:
         cmd = [*fedumm, "run", str(args.config), "--out", str(run), "--overwrite"]
         cmd += [x for key, v in overrides.items() for x in ("--set", f"{key}={v}")]
         cmd += [x for item in args.sets for x in ("--set", item)]
-        peak, wall = peak_tree_rss(cmd)
+        peak, _, wall = peak_tree_memory(cmd)
         records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
         later = records[1:]
         residuals = sorted((run / "checkpoint" / "clients").glob("*.safetensors"))

@@ -5,7 +5,8 @@ Usage (from the repository root):
         --rounds 3 --out runs/bench-engines
 
 Each engine runs the same config (baselines off) in its own subprocess so that peak memory is per
-engine; the peak over the whole process tree (FLARE starts several processes) is sampled with psutil.
+engine; the peak over the whole process tree (FLARE starts several processes) is sampled with psutil,
+as RSS and as PSS (see memory_vs_clients.py). ``--set`` passes overrides, e.g. federation.clients=16.
 Prints a markdown table and writes results.json.
 """
 
@@ -13,28 +14,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
-import time
 from pathlib import Path
 
-import psutil
+from memory_vs_clients import peak_tree_memory
 
 from fedumm.summary import RunSummary
 
 
-def tree_rss(proc: psutil.Process) -> int:
-    """Resident memory of a process and all its descendants (bytes)."""
-    total = 0
-    for p in [proc, *proc.children(recursive=True)]:
-        try:
-            total += p.memory_info().rss
-        except psutil.Error:
-            pass
-    return total
-
-
-def run_engine(config: Path, engine: str, rounds: int, out: Path) -> dict:
+def run_engine(config: Path, engine: str, rounds: int, out: Path, sets: list[str]) -> dict:
     run_dir = out / engine
     cmd = [
         sys.executable,
@@ -54,16 +42,8 @@ def run_engine(config: Path, engine: str, rounds: int, out: Path) -> dict:
         "--set",
         "baselines.centralized=false",
     ]
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    ps = psutil.Process(proc.pid)
-    peak = 0
-    while proc.poll() is None:
-        peak = max(peak, tree_rss(ps))
-        time.sleep(0.25)
-    wall = time.perf_counter() - t0
-    if proc.returncode != 0:
-        raise SystemExit(f"{engine} failed ({proc.returncode}): {proc.stderr.read()[-2000:]}")
+    cmd += [x for item in sets for x in ("--set", item)]
+    peak, pss, wall = peak_tree_memory(cmd)
     summary = RunSummary.from_json(json.loads((run_dir / "summary.json").read_text()))
     rounds_ = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     per_round = [r["wall_time_s"] for r in rounds_]
@@ -76,6 +56,7 @@ def run_engine(config: Path, engine: str, rounds: int, out: Path) -> dict:
         "steady_round_s": sum(per_round[1:]) / max(1, len(per_round) - 1),
         "startup_s": fed_wall - sum(per_round),
         "peak_rss_tree_bytes": peak,
+        "peak_pss_tree_bytes": pss,
         "peak_rss_launcher_bytes": summary.peak_rss_bytes,
         "federated_vqa_accuracy": summary.federated.vqa_accuracy,
         "bytes_up_per_round": summary.bytes_up_per_round,
@@ -88,20 +69,23 @@ def main() -> None:
     ap.add_argument("--engines", nargs="+", default=["inprocess", "nvflare-sim", "nvflare-poc"])
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--out", type=Path, default=Path("runs/bench-engines"))
+    ap.add_argument("--set", dest="sets", action="append", default=[], help="extra config override")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    results = [run_engine(args.config, e, args.rounds, args.out) for e in args.engines]
+    results = [run_engine(args.config, e, args.rounds, args.out, args.sets) for e in args.engines]
     (args.out / "results.json").write_text(json.dumps(results, indent=2))
     gib = 1024**3
     print(
         "| engine | federation wall (s) | start-up + teardown (s) | steady round (s) "
-        "| peak RSS, all processes (GiB) | federated VQA acc | bytes up / round |"
+        "| peak RSS, all processes (GiB) | peak PSS, all processes (GiB) "
+        "| federated VQA acc | bytes up / round |"
     )
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|")
     for r in results:
         print(
             f"| {r['engine']} | {r['federation_wall_s']:.1f} | {r['startup_s']:.1f} "
             f"| {r['steady_round_s']:.1f} | {r['peak_rss_tree_bytes'] / gib:.2f} "
+            f"| {r['peak_pss_tree_bytes'] / gib:.2f} "
             f"| {r['federated_vqa_accuracy']:.2f} | {r['bytes_up_per_round']:,} |"
         )
 

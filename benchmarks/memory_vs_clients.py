@@ -4,8 +4,9 @@ Usage: .venv/bin/python benchmarks/memory_vs_clients.py configs/demo.yaml --clie
            --engines inprocess --out runs/bench-memory [--set geneval.enabled=false]
 
 Each (engine, K) runs one round (baselines off) in its own subprocess; the peak resident memory over
-the whole process tree is sampled with psutil. In process, memory should stay flat in K (one backbone,
-adapters swapped); FLARE's simulator runs a process per client.
+the whole process tree is sampled with psutil, as RSS and as PSS (shared pages split between the
+processes that map them). In process, memory should stay flat in K (one backbone, adapters
+swapped); FLARE's simulator runs a process per client (two with external trainers).
 """
 
 from __future__ import annotations
@@ -20,23 +21,35 @@ from pathlib import Path
 import psutil
 
 
-def peak_tree_rss(cmd: list[str]) -> tuple[int, float]:
+def _tree_memory(ps: psutil.Process) -> tuple[int, int]:
+    """(RSS, PSS) summed over a process and its descendants. RSS counts a page shared by several
+    processes (torch's libraries, a memory-mapped checkpoint) once per process; PSS splits it
+    between them, so the PSS sum is what the processes take from the machine together."""
+    rss = pss = 0
+    for p in [ps, *ps.children(recursive=True)]:
+        try:
+            info = p.memory_full_info()
+        except psutil.Error:
+            continue
+        rss += info.rss
+        pss += getattr(info, "pss", info.rss)
+    return rss, pss
+
+
+def peak_tree_memory(cmd: list[str]) -> tuple[int, int, float]:
+    """Run ``cmd``; return the peak RSS and peak PSS of its process tree (sampled every 0.2 s), and
+    its wall time."""
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     ps = psutil.Process(proc.pid)
-    peak = 0
+    peak_rss = peak_pss = 0
     while proc.poll() is None:
-        total = 0
-        for p in [ps, *ps.children(recursive=True)]:
-            try:
-                total += p.memory_info().rss
-            except psutil.Error:
-                pass
-        peak = max(peak, total)
+        rss, pss = _tree_memory(ps)
+        peak_rss, peak_pss = max(peak_rss, rss), max(peak_pss, pss)
         time.sleep(0.2)
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed: {proc.stderr.read()[-2000:]}")
-    return peak, time.perf_counter() - t0
+    return peak_rss, peak_pss, time.perf_counter() - t0
 
 
 def main() -> None:
@@ -73,14 +86,18 @@ def main() -> None:
                 "baselines.centralized=false",
                 *(x for item in args.sets for x in ("--set", item)),
             ]
-            peak, wall = peak_tree_rss(cmd)
-            rows.append({"engine": engine, "clients": k, "peak_rss_bytes": peak, "wall_s": wall})
+            peak, pss, wall = peak_tree_memory(cmd)
+            row = {"engine": engine, "clients": k, "peak_rss_bytes": peak, "peak_pss_bytes": pss}
+            rows.append(row | {"wall_s": wall})
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(rows, indent=2))
-    print("| engine | K | peak RSS, all processes (MiB) | wall (s) |")
-    print("|---|---|---|---|")
+    print("| engine | K | peak RSS, all processes (MiB) | peak PSS, all processes (MiB) | wall (s) |")
+    print("|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['engine']} | {r['clients']} | {r['peak_rss_bytes'] / 2**20:.0f} | {r['wall_s']:.1f} |")
+        print(
+            f"| {r['engine']} | {r['clients']} | {r['peak_rss_bytes'] / 2**20:.0f} |"
+            f" {r['peak_pss_bytes'] / 2**20:.0f} | {r['wall_s']:.1f} |"
+        )
 
 
 if __name__ == "__main__":
