@@ -148,6 +148,9 @@ class FederationConfig(_Strict):
     compression: Literal["none", "fp16", "bf16", "int8", "int8_row"] = Field(
         default="none", description="client->server transport of the adapter delta"
     )
+    download_compression: Literal["none", "fp16", "bf16"] = Field(
+        default="none", description="server->client transport of the global adapter (in process)"
+    )
     error_feedback: bool = Field(default=True, description="carry each client's quantisation error forward")
     residual_dtype: Literal["float32", "bfloat16", "float16"] = Field(
         default="float32", description="precision error-feedback residuals are kept in between rounds"

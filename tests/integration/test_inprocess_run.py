@@ -201,3 +201,20 @@ def test_compressed_run_interrupted_then_resumed_is_bit_identical(finished_run, 
         ra = load_file(str(out / "checkpoint" / "clients" / names[-1]))
         rb = load_file(str(tmp_path / "ref" / "checkpoint" / "clients" / names[-1]))
         assert all(torch.equal(ra[k], rb[k]) for k in rb)
+
+
+def test_half_precision_downloads_halve_the_broadcast(finished_run, tmp_path):
+    tree, ref_out, _ = finished_run
+    tree = json.loads(json.dumps(tree))
+    tree["federation"].update({"rounds": 1, "download_compression": "bf16"})
+    tree["baselines"] = {"zero_shot": False, "centralized": False}
+    summary = run_experiment(load_config(None, tree=tree), tmp_path / "bf16")
+    r = json.loads((tmp_path / "bf16" / "metrics.jsonl").read_text().splitlines()[0])
+    for cid in r["clients"]:
+        assert r["bytes_down"][cid] < 0.55 * summary.adapter_payload_bytes
+        assert r["bytes_up"][cid] > summary.adapter_payload_bytes  # uploads stay full precision
+    got = load_file(str(tmp_path / "bf16" / "checkpoint" / "round-0001.safetensors"))
+    ref = load_file(str(ref_out / "checkpoint" / "round-0001.safetensors"))
+    assert all(got[k].dtype == torch.float32 for k in got)  # the server keeps the global in fp32
+    diff = max(float((got[k] - ref[k]).abs().max()) for k in ref)
+    assert 0 < diff < 0.05  # clients trained from the rounded broadcast: close, not equal

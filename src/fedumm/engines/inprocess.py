@@ -16,6 +16,7 @@ from fedumm.client.adversary import run_site_round
 from fedumm.client.site import Site
 from fedumm.client.train import num_steps
 from fedumm.engines.base import ENGINES, FederationSetup
+from fedumm.errors import InvalidUpdate
 from fedumm.fl.compress import apply_delta, decode, delta_of, encode
 from fedumm.fl.residuals import ResidualStore
 from fedumm.progress import NullProgress, Progress
@@ -39,10 +40,12 @@ class InProcessEngine:
         proximal_mu: float = 0.0,
         frozen_suffixes: tuple[str, ...] = (),
         codec: str = "none",
+        download_codec: str = "none",
         error_feedback: bool = True,
         residuals: ResidualStore | None = None,
     ) -> None:
         self.codec = codec
+        self.download_codec = download_codec
         self.error_feedback = error_feedback
         # client-side error-feedback memory: bounded in memory, on disk under a run directory
         self.residuals = residuals if residuals is not None else ResidualStore()
@@ -53,11 +56,21 @@ class InProcessEngine:
         self.progress = progress or NullProgress()
 
     def run_round(self, rnd: int, clients: Sequence[str], global_state: AdapterState) -> RoundOutcome:
-        down = pack_state(global_state, {"round": str(rnd)})
+        if self.download_codec == "none":
+            down = pack_state(global_state, {"round": str(rnd)})
+            sent = global_state
+        else:
+            # the broadcast in half precision; every client starts from what it decodes, and the
+            # server takes each client's change relative to that, so the rounding does not accumulate
+            half, _ = encode(global_state, self.download_codec)
+            down = pack_state(half, {"round": str(rnd), "codec": self.download_codec})
+            sent = decode(half, self.download_codec, sender="server")
         updates, up_bytes, down_bytes = [], {}, {}
         self.progress.start("clients", f"round {rnd}: clients", len(clients))
         for i, cid in enumerate(clients):
-            received, _ = unpack_state(down, sender="server")
+            received, meta = unpack_state(down, sender="server")
+            if meta.get("codec", "none") != "none":
+                received = decode(received, meta["codec"], sender="server")
             down_bytes[cid] = len(down)
             site = self.sites[cid]
             steps = num_steps(len(site.data.train), site.spec, len(site.data.gen_train))
@@ -90,6 +103,8 @@ class InProcessEngine:
             if arrived.codec != "none":
                 state = apply_delta(global_state, decode(arrived.state, arrived.codec, sender=cid))
                 arrived = replace(arrived, state=state)
+            elif sent is not global_state:  # a full state trained from the half-precision broadcast
+                arrived = replace(arrived, state=_rebased(arrived.state, sent, global_state))
             updates.append(arrived)
             self.progress.update("clients", i + 1)
         self.progress.finish("clients")
@@ -111,6 +126,15 @@ class InProcessEngine:
             self.residuals.put(cid, done, residual)
 
 
+def _rebased(state: AdapterState, sent: AdapterState, global_state: AdapterState) -> AdapterState:
+    """global + (state - sent): a client's change onto the full-precision global. A state whose keys
+    or shapes do not match is left as it came, for the round's checks to reject naming its sender."""
+    try:
+        return apply_delta(global_state, delta_of(state, sent))
+    except (ValueError, InvalidUpdate):
+        return state
+
+
 @ENGINES.register("inprocess")
 def run_inprocess(setup: FederationSetup) -> AdapterState:
     """Every site in this process, on the one backbone they share (the default engine)."""
@@ -122,6 +146,7 @@ def run_inprocess(setup: FederationSetup) -> AdapterState:
         proximal_mu=setup.strategy.proximal_mu,
         frozen_suffixes=setup.strategy.frozen_suffixes,
         codec=fed.compression,
+        download_codec=fed.download_compression,
         error_feedback=fed.error_feedback,
         residuals=ResidualStore(
             setup.run.checkpoint_dir / "clients",

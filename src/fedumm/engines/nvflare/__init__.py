@@ -69,6 +69,9 @@ def run_on_flare(setup: FederationSetup) -> AdapterState:
         raise ConfigError("--resume is supported by the in-process engine only")
     if cfg.federation.compression != "none":
         raise ConfigError(f"federation.compression={cfg.federation.compression!r} is in-process only for now")
+    if cfg.federation.download_compression != "none":
+        codec = cfg.federation.download_compression
+        raise ConfigError(f"federation.download_compression={codec!r} is in-process only for now")
     on_round = setup.on_round
 
     def record(rec, state) -> None:
