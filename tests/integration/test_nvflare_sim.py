@@ -117,6 +117,49 @@ def test_sim_matches_inprocess(tiny_config_tree, tmp_path, one_thread):
     assert summary.bytes_up_per_round == max(r["bytes_up_total"] for r in sim_rounds)
 
 
+class _InterruptAfterRound:
+    """Ctrl-C right after round ``rnd`` has been recorded (a Progress that raises)."""
+
+    def __init__(self, rnd: int) -> None:
+        from fedumm.progress import NullProgress
+
+        self.rnd = rnd
+        self._null = NullProgress()
+
+    def __getattr__(self, name):
+        return getattr(self._null, name)
+
+    def update(self, key, completed, description=None):
+        if key == "rounds" and completed == self.rnd:
+            raise KeyboardInterrupt
+
+
+def test_sim_interrupted_then_resumed_matches_inprocess(tiny_config_tree, tmp_path, one_thread):
+    """--resume on FLARE: the server restarts from the checkpoint's adapter and strategy state."""
+    from fedumm.experiment import resume_experiment
+
+    base = copy.deepcopy(tiny_config_tree)
+    base["federation"]["strategy"] = "fedadam"  # server state (Adam moments) must survive the restart
+    ref_dir, sim_dir = tmp_path / "inprocess", tmp_path / "sim"
+    run_experiment(load_config(None, tree=_tree(base, "inprocess")), ref_dir)
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(
+            load_config(None, tree=_tree(base, "nvflare-sim")), sim_dir, progress=_InterruptAfterRound(1)
+        )
+    assert leftover_flare_processes() == []
+    assert [r["round"] for r in _rounds(sim_dir)] == [1]
+    summary = resume_experiment(sim_dir)
+    assert summary.status == "finished" and leftover_flare_processes() == []
+    assert [r["round"] for r in _rounds(sim_dir)] == [1, 2]
+    ref = read_safetensors(ref_dir / "checkpoint" / "round-0002.safetensors")
+    got = read_safetensors(sim_dir / "checkpoint" / "round-0002.safetensors")
+    assert sorted(ref) == sorted(got)
+    for k in ref:
+        torch.testing.assert_close(got[k], ref[k], atol=ATOL, rtol=0, msg=k)
+    for a, b in zip(_rounds(ref_dir), _rounds(sim_dir), strict=True):
+        assert a["clients"] == b["clients"] and b["global"] == pytest.approx(a["global"])
+
+
 def test_sim_matches_inprocess_with_generation_clients(tiny_config_tree, tmp_path, one_thread):
     """A generation-only and a mixed client, alignment tokens and per-group aggregation under FLARE."""
     base = copy.deepcopy(tiny_config_tree)

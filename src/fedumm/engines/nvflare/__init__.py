@@ -34,6 +34,7 @@ def run_nvflare(
     on_round: Callable[[RoundRecord, AdapterState], None] | None = None,
     progress: Progress | None = None,
     strategy: Strategy | None = None,
+    start_round: int = 1,
 ) -> dict[str, torch.Tensor]:
     """Run the federation on FLARE's simulator or a local POC; see :func:`.runner.run_nvflare`."""
     from fedumm.engines.nvflare.runner import run_nvflare as _run
@@ -46,6 +47,7 @@ def run_nvflare(
         on_round=on_round,
         progress=progress,
         strategy=strategy,
+        start_round=start_round,
     )
 
 
@@ -65,8 +67,8 @@ def run_on_flare(setup: FederationSetup) -> AdapterState:
     server wrote. Each FLARE client builds its own site (:func:`fedumm.client.site.build_site`).
     """
     cfg = setup.cfg
-    if setup.start_round > 1:
-        raise ConfigError("--resume is supported by the in-process engine only")
+    if setup.start_round > 1 and cfg.federation.secure_aggregation == "he":
+        raise ConfigError("--resume: a federation under secure aggregation restarts from round 1")
     if cfg.federation.compression != "none":
         raise ConfigError(f"federation.compression={cfg.federation.compression!r} is in-process only for now")
     if cfg.federation.download_compression != "none":
@@ -81,9 +83,10 @@ def run_on_flare(setup: FederationSetup) -> AdapterState:
     return run_nvflare(
         cfg,
         setup.run,
-        initial_state=setup.initial_state,
+        initial_state=setup.start_state if setup.start_round > 1 else setup.initial_state,
         evaluate=setup.evaluate,
         on_round=record,
         progress=setup.progress,
         strategy=setup.strategy,
+        start_round=setup.start_round,
     )

@@ -185,6 +185,10 @@ class FedummController(ModelController):
         results_dir: where round results go; "" = ``<server run dir>/fedumm`` (downloaded with the job).
         clients: the clients to federate over, in sampling order; empty = the clients connected when
             the job starts, sorted by name.
+        start_round: the first round to run (a resumed federation: ``initial_adapter`` is the global
+            adapter after the round before it).
+        server_state_file: safetensors file of the strategy's state to resume from ("" or an empty
+            file: a fresh strategy).
     """
 
     def __init__(
@@ -194,6 +198,8 @@ class FedummController(ModelController):
         groups_file: str = "fedumm_groups.json",
         results_dir: str = "",
         clients: list | None = None,
+        start_round: int = 1,
+        server_state_file: str = "fedumm_server_state.safetensors",
     ) -> None:
         super().__init__(persistor_id="", ignore_result_error=True)
         self.config_file = config_file
@@ -201,6 +207,8 @@ class FedummController(ModelController):
         self.groups_file = groups_file
         self.results_dir = results_dir
         self.clients = list(clients) if clients else None
+        self.start_round = int(start_round)
+        self.server_state_file = server_state_file
 
     def _resolve(self, path: str) -> str:
         return path if os.path.isabs(path) else os.path.join(self.get_app_dir(), "custom", path)
@@ -221,6 +229,9 @@ class FedummController(ModelController):
             strategy = make_strategy(
                 fed.strategy, group_strategies=fed.group_strategies, **fed.strategy_params
             )
+            server_file = self._resolve(self.server_state_file) if self.server_state_file else ""
+            if server_file and os.path.isfile(server_file):
+                strategy.load_state_dict(read_safetensors(server_file))
             engine = FlareRoundEngine(self, cfg)
             results.started(clients, rounds=fed.rounds)
             self.info(f"fedumm: {fed.rounds} rounds of {fed.strategy} over {', '.join(clients)}")
@@ -255,7 +266,9 @@ class FedummController(ModelController):
                 trust=trust_settings(cfg),
                 secure=secure,
             )
-            loop.run(initial)
+            if engine.he and self.start_round > 1:
+                raise EngineError("a federation under secure aggregation cannot resume (W_0 is gone)")
+            loop.run(initial, start_round=self.start_round)
             results.done(fed.rounds)
         except Exception as exc:
             if engine is not None and engine.last_errors and isinstance(exc, EngineError):

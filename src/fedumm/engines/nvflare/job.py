@@ -23,6 +23,7 @@ import shutil
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fedumm.config import Config, dump_config
 from fedumm.engines.nvflare._flare import ExchangeFormat, FedJob, FrameworkType, ScriptRunner, TransferType
@@ -31,6 +32,9 @@ from fedumm.engines.nvflare.he_names import CLIENT_CONTEXT
 from fedumm.errors import EngineError
 from fedumm.io import atomic_save_safetensors
 from fedumm.types import AdapterState
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
     "CLIENT_SCRIPT",
@@ -46,6 +50,7 @@ __all__ = [
 CLIENT_SCRIPT = Path(__file__).resolve().with_name("fedumm_client.py")
 CONFIG_NAME = "fedumm_config.yaml"
 INITIAL_NAME = "fedumm_initial_adapter.safetensors"
+SERVER_STATE_NAME = "fedumm_server_state.safetensors"  # the strategy's state when a run resumes
 GROUPS_NAME = "fedumm_groups.json"
 CONTROLLER_ID = "fedumm_controller"
 
@@ -74,8 +79,14 @@ def build_job(
     clients: Sequence[str] = (),
     python: str = "python3",
     min_clients: int | None = None,
+    start_round: int = 1,
+    server_state: Mapping[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write the job folder ``out_root/<job name>`` and return it.
+
+    A resumed federation ships the global adapter after round ``start_round - 1`` as the initial
+    adapter and the strategy's state (``server_state``, e.g. FedAdam's moments); the server's
+    rounds then count on from ``start_round``.
 
     ``client_args`` are the client script's arguments (``--config``, optionally ``--partition``),
     relative paths resolve beside the shipped script. ``python`` runs the client script when
@@ -100,8 +111,13 @@ def build_job(
 
         job = FedJob(name=name, min_clients=min_clients or cfg.federation.min_clients)
         job.set_app_packages(["fedumm"])
-        job.to_server(FedummController(results_dir=results_dir, clients=list(clients)), id=CONTROLLER_ID)
-        for f in (CONFIG_NAME, INITIAL_NAME, GROUPS_NAME):
+        server_files = [CONFIG_NAME, INITIAL_NAME, GROUPS_NAME]
+        if server_state:  # a resumed strategy with state of its own (FedAdam's moments, ...)
+            atomic_save_safetensors(staging / SERVER_STATE_NAME, dict(server_state))
+            server_files.append(SERVER_STATE_NAME)
+        controller = FedummController(results_dir=results_dir, clients=list(clients), start_round=start_round)
+        job.to_server(controller, id=CONTROLLER_ID)
+        for f in server_files:
             job.add_file_to_server(str(staging / f))
         job.add_file_to_clients(str(staging / CONFIG_NAME))
         he = cfg.federation.secure_aggregation == "he"

@@ -53,12 +53,15 @@ def run_nvflare(
     on_round: Callable[[RoundRecord, AdapterState], None] | None = None,
     progress: Progress | None = None,
     strategy: Strategy | None = None,
+    start_round: int = 1,
 ) -> dict[str, torch.Tensor]:
     """Run ``cfg.federation`` on FLARE (``cfg.engine`` nvflare-sim or nvflare-poc); return the final
     global adapter. ``run`` must already hold config.yaml and partition.json.
 
     The strategy runs on the FLARE server; a ``strategy`` given here receives the server's strategy
-    state (``load_state_dict``) before each ``on_round`` call, so that checkpoints hold it.
+    state (``load_state_dict``) before each ``on_round`` call, so that checkpoints hold it. A resumed
+    run (``start_round`` > 1) starts the server from ``initial_state`` (the global adapter after
+    the round before) and the ``strategy``'s current state.
     """
     if cfg.engine not in ("nvflare-sim", "nvflare-poc"):
         raise EngineError(f"run_nvflare: engine must be nvflare-sim or nvflare-poc, got {cfg.engine!r}")
@@ -84,6 +87,8 @@ def run_nvflare(
         results_dir=str(results_dir),
         clients=clients,
         python=sys.executable,
+        start_round=start_round,
+        server_state=strategy.state_dict() if strategy is not None and start_round > 1 else None,
     )
     # one machine runs every site here (simulator, local POC): share its cores out between them
     procs = ProcessSet(threads=site_threads(cfg.nvflare.threads_per_site, len(clients)))
@@ -111,18 +116,39 @@ def run_nvflare(
             strategy,
             t0,
             latch,
+            start_round,
         )
 
 
 def _run(
-    cfg, backend, job_dir, results_dir, initial_state, evaluate, on_round, progress, strategy, t0, latch
+    cfg,
+    backend,
+    job_dir,
+    results_dir,
+    initial_state,
+    evaluate,
+    on_round,
+    progress,
+    strategy,
+    t0,
+    latch,
+    start_round=1,
 ):
     try:
         backend.start(job_dir)
         log.info("%s: job submitted after %.1f s", cfg.engine, time.perf_counter() - t0)
         reader = ResultsReader(results_dir)
         state = _follow(
-            cfg, backend, reader, dict(initial_state), evaluate, on_round, progress, strategy, latch
+            cfg,
+            backend,
+            reader,
+            dict(initial_state),
+            evaluate,
+            on_round,
+            progress,
+            strategy,
+            latch,
+            start_round=start_round,
         )
         backend.finish(EXIT_GRACE_S)
         latch.check()
@@ -185,11 +211,13 @@ def _follow(
     progress: Progress,
     strategy: Strategy | None,
     latch: _Interrupts | None = None,
+    *,
+    start_round: int = 1,
 ) -> dict[str, torch.Tensor]:
     """Poll the results folder until the last round (or an error, a dead FLARE, no progress)."""
     nv = cfg.nvflare
     rounds = cfg.federation.rounds
-    rnd = 1
+    rnd = start_round
     initial = dict(state)
     he_context = None  # secure aggregation: this process evaluates, so it decrypts with a client key
     # the server times rounds out itself; these limits only catch a FLARE that hangs or never starts
@@ -243,7 +271,7 @@ def _follow(
                 raise EngineError(f"{cfg.engine}: {why} before {what}; {backend.logs_hint()}")
             continue
         if time.monotonic() - last > limit:
-            what = "start" if rnd == 1 else f"report round {rnd}"
+            what = "start" if rnd == start_round else f"report round {rnd}"
             raise EngineError(
                 f"{cfg.engine}: FLARE did not {what} within {limit:.0f} s; {backend.logs_hint()}"
             )
