@@ -379,6 +379,11 @@ class Config(_Strict):
                 )
             if self.privacy.enabled:
                 raise ValueError("federation.secure_aggregation=he with privacy is not supported yet")
+            if (fed.compression, fed.download_compression) != ("none", "none"):
+                raise ValueError(
+                    "federation.secure_aggregation=he encrypts fp32 deltas: set compression and "
+                    "download_compression to none"
+                )
         if self.adversary is not None:
             try:
                 self.adversary.chosen(client_names_of(fed.clients), self.seed)

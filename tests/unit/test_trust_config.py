@@ -86,6 +86,15 @@ def test_adversary_overrides_and_typos():
             "frozen",
         ),
         (["federation.defense.norm_bound=fixed"], "norm_value"),
+        (
+            [
+                "engine=nvflare-poc",
+                "federation.secure_aggregation=he",
+                "federation.defense.norm_bound=off",
+                "federation.download_compression=bf16",
+            ],
+            "download_compression",
+        ),
     ],
 )
 def test_incompatible_combinations_are_refused_by_name(overrides, message):

@@ -69,11 +69,6 @@ def run_on_flare(setup: FederationSetup) -> AdapterState:
     cfg = setup.cfg
     if setup.start_round > 1 and cfg.federation.secure_aggregation == "he":
         raise ConfigError("--resume: a federation under secure aggregation restarts from round 1")
-    if cfg.federation.compression != "none":
-        raise ConfigError(f"federation.compression={cfg.federation.compression!r} is in-process only for now")
-    if cfg.federation.download_compression != "none":
-        codec = cfg.federation.download_compression
-        raise ConfigError(f"federation.download_compression={codec!r} is in-process only for now")
     on_round = setup.on_round
 
     def record(rec, state) -> None:

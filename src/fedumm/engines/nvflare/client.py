@@ -99,7 +99,7 @@ def main(argv: Sequence[str] | None = None, *, script_dir: str | Path | None = N
     """Client loop: receive the global adapter, train one round, send the update, until the job ends."""
     from fedumm.client.site import build_site
     from fedumm.engines.nvflare._flare import FLModel, ParamsType, flare_client
-    from fedumm.engines.nvflare.controller import ERROR_KEY
+    from fedumm.engines.nvflare.controller import CODEC_META, ERROR_KEY
 
     args = parse_args(argv)
     threads = os.environ.get(ENV_TORCH_THREADS)
@@ -129,6 +129,12 @@ def main(argv: Sequence[str] | None = None, *, script_dir: str | Path | None = N
         **cfg.federation.strategy_params,
     )
     he = cfg.federation.secure_aggregation == "he"
+    fed = cfg.federation
+    from fedumm.fl.compress import decode, delta_of, encode
+    from fedumm.fl.residuals import ResidualStore
+
+    # this site's error-feedback residual (compressed uploads): kept by this process between rounds
+    residuals = ResidualStore(dtype=fed.residual_dtype)
     initial = None
     if he and not load_error:
         from fedumm.models.lora_state import get_adapter_state
@@ -148,7 +154,12 @@ def main(argv: Sequence[str] | None = None, *, script_dir: str | Path | None = N
             )
             continue
         try:
-            global_state = he_global(received, initial) if he else received.params
+            if he:
+                global_state = he_global(received, initial)
+            elif (received.meta or {}).get(CODEC_META, "none") != "none":  # a half-precision broadcast
+                global_state = decode(received.params, received.meta[CODEC_META], sender="server")
+            else:
+                global_state = received.params
             update = run_site_round(
                 built.family,
                 adversary=built.adversary,
@@ -181,6 +192,14 @@ def main(argv: Sequence[str] | None = None, *, script_dir: str | Path | None = N
                 k: (update.state[k].detach().double() - global_state[k].detach().double()).numpy()
                 for k in update.state
             }
+        elif fed.compression != "none":  # the compressed delta, as the in-process engine sends it
+            delta = delta_of(update.state, global_state)
+            residual = residuals.get(site) if fed.error_feedback else None
+            params, new_residual = encode(delta, fed.compression, residual=residual)
+            if fed.error_feedback:
+                residuals.put(site, rnd, new_residual)
+            params_type = ParamsType.DIFF
+            meta[CODEC_META] = fed.compression
         else:
             params_type = ParamsType.FULL
             params = {k: v.detach().cpu().contiguous() for k, v in update.state.items()}

@@ -27,7 +27,8 @@ from fedumm.engines.nvflare._flare import (
 )
 from fedumm.engines.nvflare.he_names import HE_META
 from fedumm.engines.nvflare.results import ResultsWriter
-from fedumm.errors import EngineError
+from fedumm.errors import EngineError, InvalidUpdate
+from fedumm.fl.compress import apply_delta, decode, delta_of, encode
 from fedumm.fl.strategies import make_strategy
 from fedumm.io import read_safetensors
 from fedumm.server.rounds import RoundLoop, RoundOutcome
@@ -36,10 +37,11 @@ from fedumm.types import AdapterState, ClientUpdate, RoundRecord
 
 log = logging.getLogger(__name__)
 
-__all__ = ["FedummController", "FlareRoundEngine", "TASK_NAME", "ERROR_KEY", "RESULTS_SUBDIR"]
+__all__ = ["FedummController", "FlareRoundEngine", "TASK_NAME", "ERROR_KEY", "CODEC_META", "RESULTS_SUBDIR"]
 
 TASK_NAME = "train"
 ERROR_KEY = "fedumm_error"  # meta key of a client that could not train this round
+CODEC_META = "fedumm_codec"  # meta key: the codec of a compressed broadcast or upload (fedumm.fl.compress)
 RESULTS_SUBDIR = "fedumm"  # default results folder inside the server's run directory
 _FLARE_META = ("client_name", "props")  # meta keys the controller adds to results on arrival
 
@@ -67,6 +69,7 @@ class FlareRoundEngine:
         self.he = cfg.federation.secure_aggregation == "he"
         self.timeout = max(1, math.ceil(cfg.nvflare.round_timeout_s))
         self.last_errors: dict[str, str] = {}
+        self.sent: AdapterState | None = None  # the decoded half-precision broadcast of this round
 
     def run_round(self, rnd: int, clients: Sequence[str], global_state: AdapterState) -> RoundOutcome:
         ctl = self.controller
@@ -123,12 +126,21 @@ class FlareRoundEngine:
     def _broadcast(self, rnd: int, global_state) -> FLModel:
         """The global adapter (plaintext), or under HE: W_0 in round 1, then the encrypted sum D_t."""
         if not self.he:
+            codec = self.cfg.federation.download_compression
+            meta: dict = {"fedumm_round": rnd}
+            if codec == "none":
+                params = {k: v.detach().cpu().contiguous() for k, v in global_state.items()}
+                self.sent = None
+            else:  # half precision; clients train from what they decode, see _to_update
+                params, _ = encode(global_state, codec)
+                self.sent = decode(params, codec, sender="server")
+                meta[CODEC_META] = codec
             return FLModel(
                 params_type=ParamsType.FULL,
-                params={k: v.detach().cpu().contiguous() for k, v in global_state.items()},
+                params=params,
                 current_round=rnd,
                 total_rounds=self.cfg.federation.rounds,
-                meta={"fedumm_round": rnd},
+                meta=meta,
             )
         import tenseal as ts
 
@@ -160,11 +172,23 @@ class FlareRoundEngine:
         params = r.params if isinstance(r.params, dict) else {}
         if self.he:
             pass  # encrypted deltas: EncryptedFedAvg validates and sums them as they are
+        elif meta.get(CODEC_META, "none") != "none":  # a compressed delta onto the fp32 global
+            try:
+                params = apply_delta(global_state, decode(params, str(meta[CODEC_META]), sender=name))
+            except (InvalidUpdate, ValueError) as exc:  # malformed: rejected below
+                log.warning("round %d: %s sent a compressed update that does not decode (%s)", rnd, name, exc)
+                params = {}
         elif r.params_type == ParamsType.DIFF:
             try:
                 params = {k: global_state[k] + v for k, v in params.items()}
             except Exception as exc:  # keys or shapes do not match: rejected below
                 log.warning("round %d: %s sent a DIFF that does not apply (%s)", rnd, name, exc)
+                params = {}
+        elif self.sent is not None:  # a full state trained from the half-precision broadcast
+            try:
+                params = apply_delta(global_state, delta_of(params, self.sent))
+            except (InvalidUpdate, ValueError) as exc:
+                log.warning("round %d: %s sent a state that does not match (%s)", rnd, name, exc)
                 params = {}
         return ClientUpdate(
             client_id=name,  # the authenticated FLARE site name, not a name the client claims
