@@ -14,7 +14,10 @@ SRC = Path(__file__).resolve().parents[2] / "src" / "fedumm"
 
 # Lowest first. A module may import its own layer (without cycles) and every layer below it.
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("foundation", ("errors", "registry", "seeding", "progress", "io", "types", "wire", "plots", "summary")),
+    (
+        "foundation",
+        ("errors", "registry", "seeding", "progress", "io", "lru", "types", "wire", "plots", "summary"),
+    ),
     ("maths and policy", ("fl",)),
     ("families, data, evaluation", ("models", "data", "eval", "comm")),
     ("config", ("config",)),

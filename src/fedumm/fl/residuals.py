@@ -16,7 +16,6 @@ corrupt, finds the residual that round left (:meth:`ResidualStore.rewind`). Noth
 from __future__ import annotations
 
 import re
-from collections import OrderedDict
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -24,6 +23,7 @@ import torch
 
 from fedumm.errors import ConfigError
 from fedumm.io import atomic_save_safetensors, read_safetensors
+from fedumm.lru import ByteLRU
 
 __all__ = ["RESIDUAL_DTYPES", "ResidualStore"]
 
@@ -51,8 +51,8 @@ class ResidualStore:
         self.directory = Path(directory) if directory is not None else None
         self.dtype = RESIDUAL_DTYPES[dtype]
         self.cache_bytes = cache_bytes
-        self._cache: OrderedDict[str, dict[str, torch.Tensor]] = OrderedDict()
-        self._cached_bytes = 0
+        # without a directory memory is all there is: then the cache keeps everything
+        self._cache = ByteLRU(cache_bytes if self.directory is not None else float("inf"), _nbytes)
         self._versions: dict[str, list[int]] = {}  # client -> rounds on disk, ascending
         if self.directory is not None and self.directory.is_dir():
             self._scan()
@@ -61,11 +61,9 @@ class ResidualStore:
     def get(self, cid: str) -> dict[str, torch.Tensor] | None:
         """The client's newest residual in float32 (a fresh copy), or None if it has none yet."""
         held = self._cache.get(cid)
-        if held is not None:
-            self._cache.move_to_end(cid)
-        elif self.directory is not None and self._versions.get(cid):
+        if held is None and self.directory is not None and self._versions.get(cid):
             held = read_safetensors(self._file(cid, self._versions[cid][-1]))
-            self._remember(cid, held)
+            self._cache.put(cid, held)
         if held is None:
             return None
         return {k: t.to(torch.float32, copy=True) for k, t in held.items()}
@@ -82,12 +80,11 @@ class ResidualStore:
             for old in versions[:-2]:  # the newest two: a resume may fall back one round
                 self._file(cid, old).unlink(missing_ok=True)
             self._versions[cid] = versions[-2:]
-        self._remember(cid, stored)
+        self._cache.put(cid, stored)
 
     def rewind(self, done: int) -> None:
         """Resume after round ``done``: forget (and delete) every version written by a later round."""
         self._cache.clear()
-        self._cached_bytes = 0
         for cid, versions in list(self._versions.items()):
             for rnd in [r for r in versions if r > done]:
                 self._file(cid, rnd).unlink(missing_ok=True)
@@ -100,12 +97,12 @@ class ResidualStore:
     # ---- what it holds ----
     def clients(self) -> list[str]:
         """Clients with a residual, sorted."""
-        return sorted(set(self._versions) | set(self._cache))
+        return sorted(set(self._versions) | set(self._cache.keys()))
 
     @property
     def memory_bytes(self) -> int:
         """Bytes of residual tensors held in memory now (at most ``cache_bytes`` with a directory)."""
-        return self._cached_bytes
+        return self._cache.nbytes
 
     def disk_bytes(self) -> int:
         """Bytes of residual files on disk (every kept version)."""
@@ -127,18 +124,3 @@ class ResidualStore:
             self._versions.setdefault(m["cid"], []).append(int(m["rnd"]))
         for versions in self._versions.values():
             versions.sort()
-
-    def _remember(self, cid: str, tensors: dict[str, torch.Tensor]) -> None:
-        old = self._cache.pop(cid, None)
-        if old is not None:
-            self._cached_bytes -= _nbytes(old)
-        self._cache[cid] = tensors
-        self._cached_bytes += _nbytes(tensors)
-        if self.directory is None:
-            return  # nowhere else to keep them: the memory-only store is unbounded
-        while self._cached_bytes > self.cache_bytes and len(self._cache) > 1:
-            _, evicted = self._cache.popitem(last=False)
-            self._cached_bytes -= _nbytes(evicted)
-        if self._cached_bytes > self.cache_bytes:  # one residual larger than the whole cache
-            _, evicted = self._cache.popitem(last=False)
-            self._cached_bytes -= _nbytes(evicted)
