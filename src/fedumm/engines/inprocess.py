@@ -18,7 +18,7 @@ from fedumm.client.train import num_steps
 from fedumm.engines.base import ENGINES, FederationSetup
 from fedumm.errors import InvalidUpdate
 from fedumm.fl.compress import apply_delta, decode, delta_of, encode
-from fedumm.fl.residuals import ResidualStore
+from fedumm.fl.residuals import ResidualStore, compressed_delta
 from fedumm.progress import NullProgress, Progress
 from fedumm.server.rounds import RoundLoop, RoundOutcome
 from fedumm.server.trust import trust_settings
@@ -91,11 +91,10 @@ class InProcessEngine:
             self.progress.finish("steps")
             if self.codec != "none":
                 # the client sends its compressed delta; the server decodes it onto the global state
-                delta = delta_of(update.state, received)
-                residual = self.residuals.get(cid) if self.error_feedback else None
-                tensors, new_residual = encode(delta, self.codec, residual=residual)
-                if self.error_feedback:
-                    self.residuals.put(cid, rnd, new_residual)
+                residuals = self.residuals if self.error_feedback else None
+                tensors = compressed_delta(
+                    update.state, received, self.codec, client=cid, rnd=rnd, residuals=residuals
+                )
                 update = replace(update, state=tensors)
             payload = pack_update(update, codec=self.codec)
             up_bytes[cid] = len(payload)

@@ -22,10 +22,11 @@ from pathlib import Path
 import torch
 
 from fedumm.errors import ConfigError
+from fedumm.fl.compress import delta_of, encode
 from fedumm.io import atomic_save_safetensors, read_safetensors
 from fedumm.lru import ByteLRU
 
-__all__ = ["RESIDUAL_DTYPES", "ResidualStore"]
+__all__ = ["RESIDUAL_DTYPES", "ResidualStore", "compressed_delta"]
 
 RESIDUAL_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _NAME = re.compile(r"^(?P<cid>[A-Za-z0-9_-][A-Za-z0-9_.-]*)\.(?P<rnd>\d{4,})\.safetensors$")
@@ -124,3 +125,21 @@ class ResidualStore:
             self._versions.setdefault(m["cid"], []).append(int(m["rnd"]))
         for versions in self._versions.values():
             versions.sort()
+
+
+def compressed_delta(
+    state: Mapping[str, torch.Tensor],
+    reference: Mapping[str, torch.Tensor],
+    codec: str,
+    *,
+    client: str,
+    rnd: int,
+    residuals: ResidualStore | None,
+) -> dict[str, torch.Tensor]:
+    """What a client uploads under compression: ``state - reference`` encoded with ``codec``, plus
+    (with ``residuals``: error feedback) the residual its last upload lost, the new one kept."""
+    residual = residuals.get(client) if residuals is not None else None
+    payload, new_residual = encode(delta_of(state, reference), codec, residual=residual)
+    if residuals is not None:
+        residuals.put(client, rnd, new_residual)
+    return payload

@@ -130,8 +130,8 @@ def main(argv: Sequence[str] | None = None, *, script_dir: str | Path | None = N
     )
     he = cfg.federation.secure_aggregation == "he"
     fed = cfg.federation
-    from fedumm.fl.compress import decode, delta_of, encode
-    from fedumm.fl.residuals import ResidualStore
+    from fedumm.fl.compress import decode
+    from fedumm.fl.residuals import ResidualStore, compressed_delta
 
     # this site's error-feedback residual (compressed uploads): kept by this process between rounds
     residuals = ResidualStore(dtype=fed.residual_dtype)
@@ -193,11 +193,14 @@ def main(argv: Sequence[str] | None = None, *, script_dir: str | Path | None = N
                 for k in update.state
             }
         elif fed.compression != "none":  # the compressed delta, as the in-process engine sends it
-            delta = delta_of(update.state, global_state)
-            residual = residuals.get(site) if fed.error_feedback else None
-            params, new_residual = encode(delta, fed.compression, residual=residual)
-            if fed.error_feedback:
-                residuals.put(site, rnd, new_residual)
+            params = compressed_delta(
+                update.state,
+                global_state,
+                fed.compression,
+                client=site,
+                rnd=rnd,
+                residuals=residuals if fed.error_feedback else None,
+            )
             params_type = ParamsType.DIFF
             meta[CODEC_META] = fed.compression
         else:
