@@ -244,6 +244,11 @@ class NvflareConfig(_Strict):
     round_timeout_s: float = Field(default=600.0, gt=0, description="a client slower than this is dropped")
     start_timeout_s: float = Field(default=180.0, gt=0, description="POC start-up and job submission limit")
     launch_external_process: bool = Field(default=True, description="client trainer in its own process")
+    shared_backbone: bool = Field(
+        default=True,
+        description="simulator and local POC: one trainer process holds the backbone for every site; "
+        "the sites' FLARE processes relay (false: each site loads its own)",
+    )
     threads_per_site: int | None = Field(
         default=None, ge=1, description="torch threads of each site process; null = the cores / the sites"
     )

@@ -150,6 +150,7 @@ def _kill_after_round_1(out: Path, site: str, killed: list[int]) -> None:
 def test_poc_killed_client_is_dropped(tiny_config_tree, tmp_path, one_thread):
     tree = _tree(tiny_config_tree, "nvflare-poc", clients=3, min_clients=2)
     tree["federation"]["rounds"] = 3
+    tree["nvflare"]["shared_backbone"] = False  # each site its own trainer, as in production
     cfg = load_config(None, tree=tree)
     out = tmp_path / "run"
     killed: list[int] = []
@@ -168,6 +169,7 @@ def test_poc_killed_client_is_dropped(tiny_config_tree, tmp_path, one_thread):
 def test_poc_lost_quorum_is_an_engine_error(tiny_config_tree, tmp_path, one_thread):
     tree = _tree(tiny_config_tree, "nvflare-poc", clients=3, min_clients=3)
     tree["federation"]["rounds"] = 3
+    tree["nvflare"]["shared_backbone"] = False  # each site its own trainer, as in production
     cfg = load_config(None, tree=tree)
     out = tmp_path / "run"
     killed: list[int] = []

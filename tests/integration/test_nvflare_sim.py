@@ -59,12 +59,18 @@ def _rounds(path) -> list[dict]:
     return [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines() if line.strip()]
 
 
-def test_sim_matches_inprocess(tiny_config_tree, tmp_path, one_thread):
+@pytest.mark.parametrize("shared", [True, False], ids=["shared-backbone", "backbone-per-site"])
+def test_sim_matches_inprocess(tiny_config_tree, tmp_path, one_thread, shared):
+    """Sites relaying to one shared trainer, or each loading its own backbone: the same federation."""
     from fedumm.engines.nvflare._flare import FLModel, ParamsType, fobs_nbytes
+    from fedumm.engines.nvflare.controller import pack_params
+    from fedumm.engines.nvflare.names import PACKED_META
 
     ref_dir, sim_dir = tmp_path / "inprocess", tmp_path / "sim"
     run_experiment(load_config(None, tree=_tree(tiny_config_tree, "inprocess")), ref_dir)
-    cfg = load_config(None, tree=_tree(tiny_config_tree, "nvflare-sim"))
+    tree = _tree(tiny_config_tree, "nvflare-sim")
+    tree.setdefault("nvflare", {})["shared_backbone"] = shared
+    cfg = load_config(None, tree=tree)
     summary = run_experiment(cfg, sim_dir)
     assert summary.status == "finished"
     assert leftover_flare_processes() == []
@@ -93,22 +99,25 @@ def test_sim_matches_inprocess(tiny_config_tree, tmp_path, one_thread):
         for c, m in ref["client_metrics"].items():
             assert got["client_metrics"][c] == pytest.approx(m, abs=1e-4)
         # ledger: FLARE ships what the in-process engine ships (the same tensors) plus its own framing:
-        # a safetensors header per tensor inside FOBS/msgpack and the Shareable's headers
+        # a safetensors header per tensor inside FOBS/msgpack and the Shareable's headers (shared:
+        # one safetensors payload in one numpy array, so the framing is per message, not per tensor)
         assert set(got["bytes_up"]) == set(ref["bytes_up"]) and set(got["bytes_down"]) == set(
             ref["bytes_down"]
         )
         for direction in ("bytes_up", "bytes_down"):
             for c in ref[direction]:
                 extra = got[direction][c] - ref[direction][c]
-                assert 0 < extra < 200 * n_tensors + 1024, (direction, c, extra)
+                bound = 200 * n_tensors + 1024 if not shared else 1024
+                assert 0 < extra < bound, (direction, c, extra)
         # and the server counted exactly the FOBS serialisation of the model it broadcast
         prev = initial if got["round"] == 1 else states[got["round"] - 1]
+        meta = {"fedumm_round": got["round"], **({PACKED_META: 1} if shared else {})}
         sent = FLModel(
             params_type=ParamsType.FULL,
-            params=prev,
+            params=pack_params(prev) if shared else prev,
             current_round=got["round"],
             total_rounds=rounds,
-            meta={"fedumm_round": got["round"]},
+            meta=meta,
         )
         assert set(got["bytes_down"].values()) == {fobs_nbytes(sent)}
 
@@ -267,3 +276,39 @@ def test_sim_ctrl_c_stops_flare(tiny_config_tree, tmp_path, one_thread):
     assert leftover_flare_processes() == []
     assert [r["round"] for r in _rounds(out)] == [1]
     assert json.loads((out / "summary.json").read_text())["status"] == "interrupted"
+
+
+def test_sim_stops_naming_the_shared_trainer_when_it_dies(tiny_config_tree, tmp_path, one_thread):
+    """SIGKILL the shared trainer after round 1: the run fails with an EngineError that names it
+    (the sites report it with their next task; the runner sees it exit), nothing is left running."""
+    import threading
+    import time
+
+    import psutil
+
+    from fedumm.errors import EngineError
+
+    tree = _tree(tiny_config_tree, "nvflare-sim")
+    tree["federation"]["rounds"] = 3
+    cfg = load_config(None, tree=tree)
+    out = tmp_path / "run"
+    killed: list[int] = []
+
+    def kill_after_round_1():
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and not (out / "nvflare" / "results" / "round-0001.json").exists():
+            time.sleep(0.2)
+        for p in psutil.process_iter(["pid", "cmdline"]):
+            if "fedumm.engines.nvflare.trainer" in " ".join(p.info["cmdline"] or []):
+                p.kill()
+                killed.append(p.pid)
+
+    watcher = threading.Thread(target=kill_after_round_1, daemon=True)
+    watcher.start()
+    with pytest.raises(EngineError, match="shared trainer"):
+        run_experiment(cfg, out)
+    watcher.join(10)
+    assert killed, "the shared trainer was not found"
+    assert leftover_flare_processes() == []
+    assert json.loads((out / "summary.json").read_text())["status"] == "failed"
+    assert 1 <= len(_rounds(out)) <= 2

@@ -39,6 +39,7 @@ __all__ = [
     "lora_spec",
     "make_generation_partition",
     "make_partition",
+    "partitioned_client_data",
     "needs_generation",
     "train_spec",
 ]
@@ -251,7 +252,17 @@ def load_client(cfg: Config, partition_path: str | Path, client: str) -> tuple[M
     ``partition_path`` is the run's partition.json; a generation_partition.json beside it assigns
     caption images.
     """
-    data = load_data(cfg, eval_splits=False)
+    data = partitioned_client_data(cfg, partition_path, client)
+    family, _ = build_family(cfg)
+    return family, data
+
+
+def partitioned_client_data(
+    cfg: Config, partition_path: str | Path, client: str, *, run_data: RunData | None = None
+) -> ClientData:
+    """Client ``client``'s local data as the run's partition (and generation partition) assign it;
+    ``run_data``: the training splits already loaded (a process building many sites loads them once)."""
+    data = run_data if run_data is not None else load_data(cfg, eval_splits=False)
     part = load_partition(partition_path)
     if client not in part.clients:
         raise ConfigError(
@@ -266,8 +277,7 @@ def load_client(cfg: Config, partition_path: str | Path, client: str) -> tuple[M
         data.captions,
         gen_part,
     )
-    family, _ = build_family(cfg)
-    return family, splits[client]
+    return splits[client]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -281,20 +291,29 @@ class Site:
     adversary: Adversary | None = None  # a simulated attacker (fedumm.client.adversary); None: honest
 
 
-def build_site(cfg: Config, name: str, *, partition_path: str | Path | None = None) -> Site:
+def build_site(
+    cfg: Config,
+    name: str,
+    *,
+    partition_path: str | Path | None = None,
+    family: ModelFamily | None = None,
+    run_data: RunData | None = None,
+) -> Site:
     """A site as an engine's client process builds it.
 
     With ``partition_path`` (simulation, POC) the run's partition says which examples are this
     site's; without (production) every example of its own training split is its data, for its task
-    mix (``federation.tasks``).
+    mix (``federation.tasks``). ``family``: a backbone (LoRA attached) this site shares with others
+    trained in the same process; ``run_data``: the training splits already loaded; each is loaded
+    here when not given.
     """
+    run_data = run_data if run_data is not None else load_data(cfg, eval_splits=False)
+    if family is None:
+        family, _ = build_family(cfg)
     if partition_path is not None:
-        family, data = load_client(cfg, partition_path, name)
+        data = partitioned_client_data(cfg, partition_path, name, run_data=run_data)
         # simulation: the run directory (beside the partition) holds an attacker's triggered images
         adversary, data = arm(cfg, name, data, work_dir=Path(partition_path).parent)
         return Site(name=name, family=family, data=data, spec=train_spec(cfg), adversary=adversary)
-    else:
-        run_data = load_data(cfg, eval_splits=False)
-        family, _ = build_family(cfg)
-        data = local_client_data(cfg, name, run_data.train, run_data.captions, task=cfg.federation.tasks)
+    data = local_client_data(cfg, name, run_data.train, run_data.captions, task=cfg.federation.tasks)
     return Site(name=name, family=family, data=data, spec=train_spec(cfg))

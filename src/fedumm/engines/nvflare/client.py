@@ -21,6 +21,7 @@ import argparse
 import logging
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from fedumm.config import Config, load_config
@@ -30,6 +31,8 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "main",
+    "Reply",
+    "SiteRounds",
     "site_overrides",
     "load_site_config",
     "ENV_DATA_PATH",
@@ -78,7 +81,7 @@ def he_global(received, initial):
     import numpy as np
     import torch
 
-    from fedumm.engines.nvflare.he_names import HE_META
+    from fedumm.engines.nvflare.names import HE_META
 
     kind = (received.meta or {}).get(HE_META)
     out = {}
@@ -95,11 +98,131 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return ap.parse_args(list(argv) if argv is not None else None)
 
 
+@dataclass(frozen=True)
+class Reply:
+    """What a site sends back for one task: FLARE's params type ("FULL" or "DIFF"), its params
+    (torch tensors; numpy arrays under HE), meta and metrics."""
+
+    params_type: str
+    params: dict
+    meta: dict
+    metrics: dict
+
+
+class SiteRounds:
+    """One round of a site, from the received broadcast to the reply: the same for a site process
+    with its own backbone and for the shared trainer that holds one backbone for many sites.
+
+    Keeps what lives between rounds: the strategy's client-side hooks (FedProx's term, FFA-LoRA's
+    frozen A), the error-feedback residuals of every site it serves, and under HE the LoRA
+    initialisation W_0 every site shares.
+    """
+
+    def __init__(self, cfg: Config) -> None:
+        from fedumm.fl.residuals import ResidualStore
+        from fedumm.fl.strategies import make_strategy
+
+        self.cfg = cfg
+        fed = cfg.federation
+        self.strategy = make_strategy(
+            fed.strategy, group_strategies=fed.group_strategies, **fed.strategy_params
+        )
+        self.he = fed.secure_aggregation == "he"
+        self.residuals = ResidualStore(dtype=fed.residual_dtype)
+        self.initial = None  # W_0 under HE, from the first site's (shared) backbone before any training
+        self.sites: dict = {}  # name -> Site
+        self.errors: dict[str, str] = {}  # name -> why it cannot train
+
+    def add(self, name: str, build) -> None:
+        """Build site ``name`` with ``build()`` (a :class:`fedumm.client.site.Site`); a failure is kept
+        and reported with every task, so the server log says why this site drops out."""
+        try:
+            site = build()
+        except Exception as exc:
+            log.exception("%s: cannot load the model or data", name)
+            self.errors[name] = f"{name} cannot load its model or data: {type(exc).__name__}: {exc}"
+            return
+        if self.he and self.initial is None:
+            from fedumm.models.lora_state import get_adapter_state
+
+            self.initial = get_adapter_state(site.family.model)
+        self.sites[name] = site
+
+    def error_reply(self, message: str) -> Reply:
+        from fedumm.engines.nvflare.names import ERROR_KEY
+
+        return Reply("FULL", {}, {ERROR_KEY: message}, {})
+
+    def round(self, name: str, rnd: int, params: dict, meta: dict) -> Reply:
+        """Train site ``name`` for round ``rnd`` from the broadcast ``params``/``meta``; failures
+        become an error reply (this round is lost for this site; the next one may work)."""
+        if name in self.errors:
+            return self.error_reply(self.errors[name])
+        try:
+            return self._round(name, rnd, params, meta)
+        except Exception as exc:
+            log.exception("%s: round %d failed", name, rnd)
+            return self.error_reply(f"round {rnd}: {type(exc).__name__}: {exc}")
+
+    def _round(self, name: str, rnd: int, params: dict, meta: dict) -> Reply:
+        from types import SimpleNamespace
+
+        from fedumm.client.adversary import run_site_round
+        from fedumm.engines.nvflare.names import CODEC_META
+        from fedumm.fl.compress import decode
+        from fedumm.fl.residuals import compressed_delta
+
+        site = self.sites[name]
+        fed = self.cfg.federation
+        if self.he:
+            global_state = he_global(SimpleNamespace(params=params, meta=meta), self.initial)
+        elif meta.get(CODEC_META, "none") != "none":  # a half-precision broadcast
+            global_state = decode(params, meta[CODEC_META], sender="server")
+        else:
+            global_state = params
+        update = run_site_round(
+            site.family,
+            adversary=site.adversary,
+            client_id=name,
+            global_state=global_state,
+            data=site.data,
+            spec=site.spec,
+            base_seed=self.cfg.seed,
+            rnd=rnd,
+            proximal_mu=self.strategy.proximal_mu,
+            frozen_suffixes=self.strategy.frozen_suffixes,
+        )
+        out_meta: dict = {"num_examples": update.num_examples}
+        if update.group_examples is not None:
+            out_meta["group_examples"] = {str(k): int(v) for k, v in update.group_examples.items()}
+        if self.he:  # the delta, as numpy arrays: FLARE's HEModelEncryptor encrypts it on the way out
+            params_type = "DIFF"
+            out = {
+                k: (update.state[k].detach().double() - global_state[k].detach().double()).numpy()
+                for k in update.state
+            }
+        elif fed.compression != "none":  # the compressed delta, as the in-process engine sends it
+            out = compressed_delta(
+                update.state,
+                global_state,
+                fed.compression,
+                client=name,
+                rnd=rnd,
+                residuals=self.residuals if fed.error_feedback else None,
+            )
+            params_type = "DIFF"
+            out_meta[CODEC_META] = fed.compression
+        else:
+            params_type = "FULL"
+            out = {k: v.detach().cpu().contiguous() for k, v in update.state.items()}
+        log.info("%s: round %d trained (%d examples)", name, rnd, update.num_examples)
+        return Reply(params_type, out, out_meta, {k: float(v) for k, v in update.metrics.items()})
+
+
 def main(argv: Sequence[str] | None = None, *, script_dir: str | Path | None = None) -> None:
     """Client loop: receive the global adapter, train one round, send the update, until the job ends."""
     from fedumm.client.site import build_site
     from fedumm.engines.nvflare._flare import FLModel, ParamsType, flare_client
-    from fedumm.engines.nvflare.controller import CODEC_META, ERROR_KEY
 
     args = parse_args(argv)
     threads = os.environ.get(ENV_TORCH_THREADS)
@@ -112,107 +235,21 @@ def main(argv: Sequence[str] | None = None, *, script_dir: str | Path | None = N
     site = flare_client.get_site_name()
     cfg = load_site_config(_resolve(args.config, base))
     partition = _resolve(args.partition, base) if args.partition else None
-    load_error = None
-    try:
-        built = build_site(cfg, site, partition_path=partition)
-    except Exception as exc:  # reported with every task, so the server log says why this site drops out
-        log.exception("%s: cannot load the model or data", site)
-        load_error = f"{site} cannot load its model or data: {type(exc).__name__}: {exc}"
-
-    from fedumm.client.adversary import run_site_round
-    from fedumm.fl.strategies import make_strategy
-
-    # the strategy's client-side hooks (FedProx's term, FFA-LoRA's frozen A), as in process
-    strategy = make_strategy(
-        cfg.federation.strategy,
-        group_strategies=cfg.federation.group_strategies,
-        **cfg.federation.strategy_params,
-    )
-    he = cfg.federation.secure_aggregation == "he"
-    fed = cfg.federation
-    from fedumm.fl.compress import decode
-    from fedumm.fl.residuals import ResidualStore, compressed_delta
-
-    # this site's error-feedback residual (compressed uploads): kept by this process between rounds
-    residuals = ResidualStore(dtype=fed.residual_dtype)
-    initial = None
-    if he and not load_error:
-        from fedumm.models.lora_state import get_adapter_state
-
-        initial = get_adapter_state(built.family.model)  # W_0: the LoRA initialisation all sites share
+    rounds = SiteRounds(cfg)
+    rounds.add(site, lambda: build_site(cfg, site, partition_path=partition))
     log.info("%s: ready", site)
     while flare_client.is_running():
         received = flare_client.receive()
         if received is None:
             break
         rnd = int(received.current_round)
-        if load_error:
-            flare_client.send(
-                FLModel(
-                    params_type=ParamsType.FULL, params={}, meta={ERROR_KEY: load_error}, current_round=rnd
-                )
-            )
-            continue
-        try:
-            if he:
-                global_state = he_global(received, initial)
-            elif (received.meta or {}).get(CODEC_META, "none") != "none":  # a half-precision broadcast
-                global_state = decode(received.params, received.meta[CODEC_META], sender="server")
-            else:
-                global_state = received.params
-            update = run_site_round(
-                built.family,
-                adversary=built.adversary,
-                client_id=site,
-                global_state=global_state,
-                data=built.data,
-                spec=built.spec,
-                base_seed=cfg.seed,
-                rnd=rnd,
-                proximal_mu=strategy.proximal_mu,
-                frozen_suffixes=strategy.frozen_suffixes,
-            )
-        except Exception as exc:  # this round is lost for this site; the next one may work
-            log.exception("%s: round %d failed", site, rnd)
-            flare_client.send(
-                FLModel(
-                    params_type=ParamsType.FULL,
-                    params={},
-                    meta={ERROR_KEY: f"round {rnd}: {type(exc).__name__}: {exc}"},
-                    current_round=rnd,
-                )
-            )
-            continue
-        meta: dict = {"num_examples": update.num_examples}
-        if update.group_examples is not None:
-            meta["group_examples"] = {str(k): int(v) for k, v in update.group_examples.items()}
-        if he:  # the delta, as numpy arrays: FLARE's HEModelEncryptor encrypts it on the way out
-            params_type = ParamsType.DIFF
-            params = {
-                k: (update.state[k].detach().double() - global_state[k].detach().double()).numpy()
-                for k in update.state
-            }
-        elif fed.compression != "none":  # the compressed delta, as the in-process engine sends it
-            params = compressed_delta(
-                update.state,
-                global_state,
-                fed.compression,
-                client=site,
-                rnd=rnd,
-                residuals=residuals if fed.error_feedback else None,
-            )
-            params_type = ParamsType.DIFF
-            meta[CODEC_META] = fed.compression
-        else:
-            params_type = ParamsType.FULL
-            params = {k: v.detach().cpu().contiguous() for k, v in update.state.items()}
+        reply = rounds.round(site, rnd, received.params or {}, dict(received.meta or {}))
         flare_client.send(
             FLModel(
-                params_type=params_type,
-                params=params,
-                meta=meta,
-                metrics={k: float(v) for k, v in update.metrics.items()},
+                params_type=ParamsType.DIFF if reply.params_type == "DIFF" else ParamsType.FULL,
+                params=reply.params,
+                meta=reply.meta,
+                metrics=reply.metrics,
                 current_round=rnd,
             )
         )
-        log.info("%s: round %d sent (%d examples)", site, rnd, update.num_examples)

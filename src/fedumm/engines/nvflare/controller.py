@@ -25,7 +25,7 @@ from fedumm.engines.nvflare._flare import (
     fobs_nbytes,
     register_tensor_decomposer,
 )
-from fedumm.engines.nvflare.he_names import HE_META
+from fedumm.engines.nvflare.names import CODEC_META, ERROR_KEY, HE_META, PACKED_KEY, PACKED_META
 from fedumm.engines.nvflare.results import ResultsWriter
 from fedumm.errors import EngineError, InvalidUpdate
 from fedumm.fl.compress import apply_delta, decode, delta_of, encode
@@ -40,8 +40,6 @@ log = logging.getLogger(__name__)
 __all__ = ["FedummController", "FlareRoundEngine", "TASK_NAME", "ERROR_KEY", "CODEC_META", "RESULTS_SUBDIR"]
 
 TASK_NAME = "train"
-ERROR_KEY = "fedumm_error"  # meta key of a client that could not train this round
-CODEC_META = "fedumm_codec"  # meta key: the codec of a compressed broadcast or upload (fedumm.fl.compress)
 RESULTS_SUBDIR = "fedumm"  # default results folder inside the server's run directory
 _FLARE_META = ("client_name", "props")  # meta keys the controller adds to results on arrival
 
@@ -60,12 +58,37 @@ def _flmodel_nbytes(model: FLModel) -> int:
     return fobs_nbytes(sent)
 
 
+def pack_params(params: AdapterState) -> dict:
+    """Tensors as one safetensors payload in one uint8 array: what a relaying site passes on to the
+    shared trainer without decoding it (so its process needs no torch)."""
+    import numpy as np
+    from safetensors.torch import save
+
+    blob = save({k: v.detach().cpu().contiguous() for k, v in params.items()})
+    return {PACKED_KEY: np.frombuffer(blob, dtype=np.uint8)}
+
+
+def unpack_params(params, *, sender: str) -> AdapterState:
+    """The tensors of a packed message; InvalidUpdate naming ``sender`` when it is not one payload."""
+    import numpy as np
+    from safetensors.torch import load
+
+    blob = params.get(PACKED_KEY) if isinstance(params, dict) else None
+    if not isinstance(blob, np.ndarray) or blob.dtype != np.uint8 or blob.ndim != 1 or len(params) != 1:
+        raise InvalidUpdate(f"{sender}: a packed message must hold one uint8 array {PACKED_KEY!r}")
+    try:
+        return load(blob.tobytes())
+    except Exception as exc:  # safetensors' own parser: no pickle, bounded by the header it checks
+        raise InvalidUpdate(f"{sender}: the packed payload is not a safetensors file ({exc})") from None
+
+
 class FlareRoundEngine:
     """fedumm Engine: one round = one FLARE broadcast to the sampled clients."""
 
-    def __init__(self, controller: FedummController, cfg: Config) -> None:
+    def __init__(self, controller: FedummController, cfg: Config, *, packed: bool = False) -> None:
         self.controller = controller
         self.cfg = cfg
+        self.packed = packed  # broadcasts as one payload (the sites relay to a shared trainer)
         self.he = cfg.federation.secure_aggregation == "he"
         self.timeout = max(1, math.ceil(cfg.nvflare.round_timeout_s))
         self.last_errors: dict[str, str] = {}
@@ -135,6 +158,9 @@ class FlareRoundEngine:
                 params, _ = encode(global_state, codec)
                 self.sent = decode(params, codec, sender="server")
                 meta[CODEC_META] = codec
+            if self.packed:
+                params = pack_params(params)
+                meta[PACKED_META] = 1
             return FLModel(
                 params_type=ParamsType.FULL,
                 params=params,
@@ -170,6 +196,12 @@ class FlareRoundEngine:
         """As sent; whatever is malformed is left for RoundLoop's validate_update to reject."""
         meta = dict(r.meta or {})
         params = r.params if isinstance(r.params, dict) else {}
+        if meta.get(PACKED_META) and not self.he:
+            try:
+                params = unpack_params(params, sender=name)
+            except InvalidUpdate as exc:  # rejected below, naming the sender
+                log.warning("round %d: %s", rnd, exc)
+                params = {}
         if self.he:
             pass  # encrypted deltas: EncryptedFedAvg validates and sums them as they are
         elif meta.get(CODEC_META, "none") != "none":  # a compressed delta onto the fp32 global
@@ -213,6 +245,8 @@ class FedummController(ModelController):
             adapter after the round before it).
         server_state_file: safetensors file of the strategy's state to resume from ("" or an empty
             file: a fresh strategy).
+        packed: broadcast each global adapter as one safetensors payload (the sites relay it to a
+            shared trainer unread); results come back packed either way they are marked.
     """
 
     def __init__(
@@ -224,6 +258,7 @@ class FedummController(ModelController):
         clients: list | None = None,
         start_round: int = 1,
         server_state_file: str = "fedumm_server_state.safetensors",
+        packed: bool = False,
     ) -> None:
         super().__init__(persistor_id="", ignore_result_error=True)
         self.config_file = config_file
@@ -233,6 +268,7 @@ class FedummController(ModelController):
         self.clients = list(clients) if clients else None
         self.start_round = int(start_round)
         self.server_state_file = server_state_file
+        self.packed = bool(packed)
 
     def _resolve(self, path: str) -> str:
         return path if os.path.isabs(path) else os.path.join(self.get_app_dir(), "custom", path)
@@ -256,7 +292,7 @@ class FedummController(ModelController):
             server_file = self._resolve(self.server_state_file) if self.server_state_file else ""
             if server_file and os.path.isfile(server_file):
                 strategy.load_state_dict(read_safetensors(server_file))
-            engine = FlareRoundEngine(self, cfg)
+            engine = FlareRoundEngine(self, cfg, packed=self.packed)
             results.started(clients, rounds=fed.rounds)
             self.info(f"fedumm: {fed.rounds} rounds of {fed.strategy} over {', '.join(clients)}")
             secure = None

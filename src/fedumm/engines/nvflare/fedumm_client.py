@@ -1,10 +1,16 @@
 """FLARE Client API entry script shipped in the job's custom/ folder (the logic lives in the installed
-package: :mod:`fedumm.engines.nvflare.client`)."""
+package: :mod:`fedumm.engines.nvflare.client`, or :mod:`fedumm.engines.nvflare.relay` where the
+environment names a shared trainer)."""
 
 import os
 import sys
 
-from fedumm.engines.nvflare.client import main
-
 if __name__ == "__main__":
-    main(sys.argv[1:], script_dir=os.path.dirname(os.path.abspath(__file__)))
+    if os.environ.get("FEDUMM_TRAINER_ADDRESS"):  # names.ENV_TRAINER_ADDRESS; this site relays
+        from fedumm.engines.nvflare.relay import main as relay_main
+
+        relay_main(sys.argv[1:])
+    else:
+        from fedumm.engines.nvflare.client import main
+
+        main(sys.argv[1:], script_dir=os.path.dirname(os.path.abspath(__file__)))

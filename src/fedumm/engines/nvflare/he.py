@@ -25,7 +25,7 @@ import numpy as np
 import tenseal as ts
 import torch
 
-from fedumm.engines.nvflare.he_names import CLIENT_CONTEXT, HE_META, PLAIN_SUFFIX
+from fedumm.engines.nvflare.names import CLIENT_CONTEXT, HE_META, PLAIN_SUFFIX
 from fedumm.errors import InvalidUpdate
 
 __all__ = [

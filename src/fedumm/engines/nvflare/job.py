@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 from fedumm.config import Config, dump_config
 from fedumm.engines.nvflare._flare import ExchangeFormat, FedJob, FrameworkType, ScriptRunner, TransferType
 from fedumm.engines.nvflare.controller import TASK_NAME, FedummController
-from fedumm.engines.nvflare.he_names import CLIENT_CONTEXT
+from fedumm.engines.nvflare.names import CLIENT_CONTEXT
 from fedumm.errors import EngineError
 from fedumm.io import atomic_save_safetensors
 from fedumm.types import AdapterState
@@ -81,6 +81,7 @@ def build_job(
     min_clients: int | None = None,
     start_round: int = 1,
     server_state: Mapping[str, torch.Tensor] | None = None,
+    relay: bool = False,
 ) -> Path:
     """Write the job folder ``out_root/<job name>`` and return it.
 
@@ -91,6 +92,10 @@ def build_job(
     ``client_args`` are the client script's arguments (``--config``, optionally ``--partition``),
     relative paths resolve beside the shipped script. ``python`` runs the client script when
     ``cfg.nvflare.launch_external_process`` is on.
+
+    ``relay``: the sites relay their tasks to a shared trainer on their machine (the launcher starts
+    it; :mod:`fedumm.engines.nvflare.trainer`): the script then runs inside FLARE's site process and
+    the broadcast travels as one packed payload (numpy), so that process never imports torch.
     """
     name = job_name(cfg)
     out_root = Path(out_root)
@@ -115,12 +120,17 @@ def build_job(
         if server_state:  # a resumed strategy with state of its own (FedAdam's moments, ...)
             atomic_save_safetensors(staging / SERVER_STATE_NAME, dict(server_state))
             server_files.append(SERVER_STATE_NAME)
-        controller = FedummController(results_dir=results_dir, clients=list(clients), start_round=start_round)
+        he = cfg.federation.secure_aggregation == "he"
+        controller = FedummController(
+            results_dir=results_dir,
+            clients=list(clients),
+            start_round=start_round,
+            packed=relay and not he,
+        )
         job.to_server(controller, id=CONTROLLER_ID)
         for f in server_files:
             job.add_file_to_server(str(staging / f))
         job.add_file_to_clients(str(staging / CONFIG_NAME))
-        he = cfg.federation.secure_aggregation == "he"
         if he:
             # FLARE's own HE path: the client's delta is CKKS-encrypted before it leaves the site,
             # and what the server broadcasts is decrypted on the site (provisioned client context)
@@ -129,14 +139,17 @@ def build_job(
             encryptor, decryptor, filter_type = he_filters(CLIENT_CONTEXT)
             job.to_clients(encryptor, filter_type=filter_type.TASK_RESULT, tasks=[TASK_NAME])
             job.to_clients(decryptor, filter_type=filter_type.TASK_DATA, tasks=[TASK_NAME])
-        # HE encrypts numpy arrays; without HE the trainer and the server exchange torch tensors
-        framework = FrameworkType.NUMPY if he else FrameworkType.PYTORCH
-        exchange = ExchangeFormat.NUMPY if he else ExchangeFormat.PYTORCH
+        # HE encrypts numpy arrays, a relay passes a packed payload (numpy) on; otherwise the trainer
+        # and the server exchange torch tensors
+        numpy_only = he or relay
+        framework = FrameworkType.NUMPY if numpy_only else FrameworkType.PYTORCH
+        exchange = ExchangeFormat.NUMPY if numpy_only else ExchangeFormat.PYTORCH
         job.to_clients(
             ScriptRunner(
                 script=str(script),
                 script_args=shlex.join(client_args),
-                launch_external_process=cfg.nvflare.launch_external_process,
+                # a relay is light: it runs inside FLARE's site process
+                launch_external_process=cfg.nvflare.launch_external_process and not relay,
                 command=[python, "-u"],
                 framework=framework,  # the trainer sees torch tensors (numpy under HE)
                 server_expected_format=exchange,  # so does the server (bf16-safe, no numpy)

@@ -169,7 +169,7 @@ class PocBackend:
         """A client's provisioned CKKS context (public and secret key), for the evaluating launcher."""
         if self.prod is None:
             raise EngineError("nvflare-poc: no provisioned system (secure aggregation needs one)")
-        from fedumm.engines.nvflare.he_names import CLIENT_CONTEXT
+        from fedumm.engines.nvflare.names import CLIENT_CONTEXT
 
         path = self.prod / self.clients[0] / "startup" / CLIENT_CONTEXT
         if not path.is_file():

@@ -26,7 +26,15 @@ from fedumm.errors import EngineError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["TAG_ENV", "ProcessSet", "check_ports_free", "describe", "site_threads", "usable_cores"]
+__all__ = [
+    "TAG_ENV",
+    "ProcessSet",
+    "check_ports_free",
+    "describe",
+    "site_threads",
+    "thread_env",
+    "usable_cores",
+]
 
 TAG_ENV = "FEDUMM_NVFLARE_RUN"
 
@@ -47,6 +55,12 @@ def site_threads(requested: int | None, sites_here: int) -> int:
     return max(1, usable_cores() // max(1, sites_here))
 
 
+def thread_env(threads: int) -> dict[str, str]:
+    """The variables that hold torch and OpenMP/MKL in a started process to ``threads`` threads."""
+    n = str(threads)
+    return {ENV_TORCH_THREADS: n, "OMP_NUM_THREADS": n, "MKL_NUM_THREADS": n}
+
+
 def describe(p: psutil.Process) -> str:
     try:
         return f"{p.pid} ({' '.join(p.cmdline())[:160]})"
@@ -57,10 +71,12 @@ def describe(p: psutil.Process) -> str:
 class ProcessSet:
     """What one run started: its Popen objects, their descendants and everything carrying its tag."""
 
-    def __init__(self, *, threads: int | None = None) -> None:
-        """``threads``: the torch/OpenMP threads each started process (and its trainers) may use."""
+    def __init__(self, *, threads: int | None = None, env: Mapping[str, str] | None = None) -> None:
+        """``threads``: the torch/OpenMP threads each started process (and its trainers) may use;
+        ``env``: variables every started process gets (e.g. the shared trainer's address)."""
         self.tag = uuid.uuid4().hex
         self.threads = threads
+        self.extra_env = dict(env or {})
         self.popens: list[subprocess.Popen] = []
         self._seen: dict[int, float] = {}  # pid -> create_time (guards against pid reuse)
         self._logs: list = []
@@ -68,8 +84,8 @@ class ProcessSet:
     def env(self, base: Mapping[str, str] | None = None, **extra: str) -> dict[str, str]:
         env = dict(os.environ if base is None else base)
         if self.threads is not None:
-            n = str(self.threads)
-            env.update({ENV_TORCH_THREADS: n, "OMP_NUM_THREADS": n, "MKL_NUM_THREADS": n})
+            env.update(thread_env(self.threads))
+        env.update(self.extra_env)
         env.update(extra)
         env[TAG_ENV] = self.tag
         return env

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import secrets
 import shutil
 import signal
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -24,7 +26,8 @@ import torch
 from fedumm.config import Config
 from fedumm.data.partition import load_partition
 from fedumm.engines.nvflare.job import build_job, group_map
-from fedumm.engines.nvflare.procs import ProcessSet, site_threads
+from fedumm.engines.nvflare.names import ENV_TRAINER_ADDRESS, ENV_TRAINER_KEY, ENV_TRAINER_TIMEOUT
+from fedumm.engines.nvflare.procs import ProcessSet, site_threads, thread_env
 from fedumm.engines.nvflare.results import ResultsReader, ServerRound, record_from_json
 from fedumm.errors import EngineError
 from fedumm.fl.strategies import Strategy
@@ -78,6 +81,7 @@ def run_nvflare(
         shutil.rmtree(results_dir)
     results_dir.mkdir(parents=True)
 
+    shared = cfg.nvflare.shared_backbone
     job_dir = build_job(
         cfg,
         workspace / "job",
@@ -89,9 +93,14 @@ def run_nvflare(
         python=sys.executable,
         start_round=start_round,
         server_state=strategy.state_dict() if strategy is not None and start_round > 1 else None,
+        relay=shared,
     )
-    # one machine runs every site here (simulator, local POC): share its cores out between them
-    procs = ProcessSet(threads=site_threads(cfg.nvflare.threads_per_site, len(clients)))
+    trainer: SharedTrainer | None = None
+    if shared:  # one trainer holds the backbone for every site; the sites' processes only relay
+        trainer = SharedTrainer(cfg, config_file, partition_file, log_path=workspace / "trainer.log")
+        procs = ProcessSet(threads=1, env=trainer.site_env())
+    else:  # one machine runs every site here (simulator, local POC): share its cores out between them
+        procs = ProcessSet(threads=site_threads(cfg.nvflare.threads_per_site, len(clients)))
     if cfg.engine == "nvflare-sim":
         from fedumm.engines.nvflare.sim import SimBackend
 
@@ -103,7 +112,11 @@ def run_nvflare(
 
     progress.start("nvflare", f"{cfg.engine}: starting {len(clients)} clients", cfg.federation.rounds)
     t0 = time.perf_counter()
-    with _latched_interrupts() as latch:
+    with _latched_interrupts() as latch, contextlib.ExitStack() as stack:
+        if trainer is not None:
+            stack.callback(trainer.cleanup)
+            trainer.start(procs)
+            backend = _WithTrainer(backend, trainer)
         return _run(
             cfg,
             backend,
@@ -164,6 +177,64 @@ def _run(
         raise EngineError(f"{cfg.engine}: FLARE process(es) survived SIGKILL: {'; '.join(survivors)}")
     log.info("%s: %d rounds in %.1f s", cfg.engine, cfg.federation.rounds, time.perf_counter() - t0)
     return state
+
+
+class SharedTrainer:
+    """The process that trains every site of this machine on one backbone
+    (:mod:`fedumm.engines.nvflare.trainer`), started in the run's process set so that it stops with
+    FLARE whatever the way out is."""
+
+    def __init__(self, cfg: Config, config_file: Path, partition_file: Path, *, log_path: Path) -> None:
+        self.cfg = cfg
+        self.config_file = config_file
+        self.partition_file = partition_file
+        self.log_path = log_path
+        # a short directory: a Unix socket's path has at most 107 bytes
+        self.dir = Path(tempfile.mkdtemp(prefix="fedumm-trainer-"))
+        self.address = str(self.dir / "trainer.sock")
+        self.key = secrets.token_hex(32)
+        self.proc = None
+
+    def site_env(self) -> dict[str, str]:
+        return {
+            ENV_TRAINER_ADDRESS: self.address,
+            ENV_TRAINER_KEY: self.key,
+            ENV_TRAINER_TIMEOUT: str(self.cfg.nvflare.start_timeout_s),
+        }
+
+    def start(self, procs: ProcessSet) -> None:
+        # it alone computes: with the threads this process (the in-process engine) would use
+        threads = self.cfg.nvflare.threads_per_site or torch.get_num_threads()
+        env = procs.env(**thread_env(threads))
+        cmd = [sys.executable, "-m", "fedumm.engines.nvflare.trainer", "--config", str(self.config_file)]
+        cmd += ["--partition", str(self.partition_file), "--address", self.address]
+        self.proc = procs.spawn(cmd, env=env, log_path=self.log_path)
+        log.info("shared trainer started (pid %d, %d threads), log %s", self.proc.pid, threads, self.log_path)
+
+    def failure(self) -> str | None:
+        if self.proc is None or self.proc.poll() is None:
+            return None
+        return f"the shared trainer exited with code {self.proc.returncode} (log: {self.log_path})"
+
+    def cleanup(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class _WithTrainer:
+    """A FLARE backend whose run also fails when the shared trainer dies."""
+
+    def __init__(self, backend, trainer: SharedTrainer) -> None:
+        self._backend = backend
+        self._trainer = trainer
+
+    def __getattr__(self, name):
+        return getattr(self._backend, name)
+
+    def failure(self) -> str | None:
+        return self._backend.failure() or self._trainer.failure()
+
+    def logs_hint(self) -> str:
+        return f"{self._backend.logs_hint()}, {self._trainer.log_path}"
 
 
 class _Interrupts:
