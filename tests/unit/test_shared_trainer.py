@@ -17,7 +17,7 @@ pytest.importorskip("nvflare")
 
 from fedumm.engines.nvflare.client import Reply  # noqa: E402
 from fedumm.engines.nvflare.names import CODEC_META, ERROR_KEY, PACKED_KEY, PACKED_META  # noqa: E402
-from fedumm.engines.nvflare.trainer import decode_payload, encode_payload, serve_connection  # noqa: E402
+from fedumm.engines.nvflare.trainer import TrainerServer, decode_payload, encode_payload  # noqa: E402
 from fedumm.errors import InvalidUpdate  # noqa: E402
 
 pytestmark = pytest.mark.nvflare
@@ -57,15 +57,18 @@ class FakeRounds:
         return Reply("FULL", out, {"num_examples": 7}, {"train_loss": 0.5})
 
 
-def _session(rounds):
+def _session(rounds, server=None):
+    """A relay's end of a session whose trainer end a thread serves (as TrainerServer.serve does)."""
+    server = server or TrainerServer(rounds, lambda n: f"site {n}")
     relay_end, trainer_end = Pipe()
-    t = threading.Thread(
-        target=serve_connection,
-        args=(trainer_end, rounds, lambda n: f"site {n}", threading.Lock()),
-        daemon=True,
-    )
+
+    def serve():
+        while server.handle(trainer_end):
+            pass
+
+    t = threading.Thread(target=serve, daemon=True)
     t.start()
-    return relay_end, t
+    return relay_end, t, server
 
 
 def _hello(conn, site):
@@ -95,7 +98,7 @@ def test_a_relay_session_builds_its_site_once_and_trains_through_the_trainer():
     from fedumm.engines.nvflare.relay import forward
 
     rounds = FakeRounds()
-    conn, t = _session(rounds)
+    conn, t, server = _session(rounds)
     assert _hello(conn, "site-1") == {"ok": True, "error": None}
     sent = pack_params(STATE)
     meta = {PACKED_META: 1, "fedumm_round": 2, "client_name": "not forwarded", CODEC_META: "none"}
@@ -108,7 +111,7 @@ def test_a_relay_session_builds_its_site_once_and_trains_through_the_trainer():
     # only the meta the trainer reads crosses the socket
     assert rounds.calls == [("site-1", 2, {PACKED_META: 1, "fedumm_round": 2, CODEC_META: "none"})]
     # a second relay for the same site (a restarted FLARE process) does not build it again
-    conn2, t2 = _session(rounds)
+    conn2, t2, _ = _session(rounds, server)
     assert _hello(conn2, "site-1")["ok"] is True
     assert rounds.builds == ["site-1"]
     conn.close()
@@ -122,7 +125,7 @@ def test_a_site_that_cannot_load_reports_why_with_every_task():
     from fedumm.engines.nvflare.controller import pack_params
     from fedumm.engines.nvflare.relay import forward
 
-    conn, _ = _session(FakeRounds(fail={"site-2"}))
+    conn, _, _ = _session(FakeRounds(fail={"site-2"}))
     hello = _hello(conn, "site-2")
     assert hello["ok"] is False and "no data" in hello["error"]
     ptype, params, meta, _ = forward(conn, 1, pack_params(STATE), {PACKED_META: 1})
@@ -133,7 +136,7 @@ def test_a_site_that_cannot_load_reports_why_with_every_task():
 def test_under_he_the_relay_passes_arrays_and_gets_arrays_back():
     from fedumm.engines.nvflare.relay import forward
 
-    conn, _ = _session(FakeRounds())
+    conn, _, _ = _session(FakeRounds())
     _hello(conn, "site-3")
     arrays = {k: v.numpy().ravel().astype(np.float64) for k, v in STATE.items()}
     ptype, params, meta, _ = forward(conn, 3, arrays, {"fedumm_he": "delta"})
@@ -151,7 +154,7 @@ def test_a_broadcast_that_does_not_decode_loses_the_round_not_the_session():
     from fedumm.engines.nvflare.relay import forward
 
     rounds = FakeRounds()
-    conn, t = _session(rounds)
+    conn, t, server = _session(rounds)
     _hello(conn, "site-4")
     conn.send_bytes(json.dumps({"round": 1, "meta": {}, "kind": "packed"}).encode())
     conn.send_bytes(b"not a safetensors file")
@@ -168,7 +171,7 @@ def test_a_broadcast_that_does_not_decode_loses_the_round_not_the_session():
 def test_a_session_that_does_not_start_with_a_site_name_is_closed():
     import json
 
-    conn, t = _session(FakeRounds())
+    conn, t, _ = _session(FakeRounds())
     conn.send_bytes(json.dumps({"round": 1}).encode())
     t.join(5)
     assert not t.is_alive()

@@ -6,7 +6,7 @@ a model copy per site. With ``nvflare.shared_backbone`` (simulator and local POC
 runner starts this process once instead: it loads the backbone and the training splits once, and
 each site's FLARE process only relays (:mod:`fedumm.engines.nvflare.relay`, no torch imported),
 so a site costs FLARE's own process. Sites train one after another on the shared backbone,
-swapping adapters as the in-process engine does, through the same
+in the process's main thread, swapping adapters as the in-process engine does, through the same
 :class:`fedumm.engines.nvflare.client.SiteRounds` a site process with its own backbone runs.
 
 The socket is a Unix socket with an authentication key (both from the launcher's environment);
@@ -26,16 +26,18 @@ import argparse
 import json
 import logging
 import os
+import queue
 import threading
+import time
 from collections.abc import Sequence
 from multiprocessing import AuthenticationError
-from multiprocessing.connection import Connection, Listener
+from multiprocessing.connection import Connection, Listener, wait
 
 from fedumm.engines.nvflare.names import ENV_TRAINER_KEY, FORWARDED_META, MAX_HEADER
 
 log = logging.getLogger(__name__)
 
-__all__ = ["decode_payload", "encode_payload", "main", "serve_connection"]
+__all__ = ["TrainerServer", "decode_payload", "encode_payload", "main"]
 
 
 def encode_payload(params: dict) -> tuple[str, bytes]:
@@ -76,45 +78,85 @@ def _send(conn: Connection, header: dict, blob: bytes) -> None:
     conn.send_bytes(blob)
 
 
-def serve_connection(conn: Connection, rounds, build, lock: threading.Lock) -> None:
-    """One relay's session: the site it speaks for, then its tasks until it hangs up.
+class TrainerServer:
+    """The relays' sessions, served one message at a time from one thread (the one that computes:
+    torch runs in the thread that set its thread count, and no lock is needed around the backbone).
 
-    ``rounds``: the :class:`~fedumm.engines.nvflare.client.SiteRounds` of this process; ``build(name)``
-    builds a site on the shared backbone; ``lock`` lets one site at a time use the backbone.
+    ``rounds``: the :class:`~fedumm.engines.nvflare.client.SiteRounds` of this process;
+    ``build(name)`` builds a site on the shared backbone.
     """
-    name = "?"
-    try:
-        hello = _header(conn)
-        name = str(hello.get("site", ""))
+
+    def __init__(self, rounds, build) -> None:
+        self.rounds = rounds
+        self.build = build
+        self.names: dict[int, str] = {}  # id(connection) -> the site it speaks for
+
+    def handle(self, conn: Connection) -> bool:
+        """Read and answer one message of ``conn``; False once the session is over (closed)."""
+        name = self.names.get(id(conn))
+        try:
+            if name is None:
+                self._hello(conn)
+            else:
+                self._task(conn, name)
+            return True
+        except EOFError:
+            log.info("%s: disconnected", name or "a relay")
+        except Exception:
+            log.exception("%s: relay session failed", name or "a relay")
+        self.names.pop(id(conn), None)
+        conn.close()
+        return False
+
+    def _hello(self, conn: Connection) -> None:
+        name = str(_header(conn).get("site", ""))
         if not name:
             raise ValueError("the first message must name the site")
-        with lock:
-            if name not in rounds.sites and name not in rounds.errors:
-                rounds.add(name, lambda: build(name))
+        rounds = self.rounds
+        if name not in rounds.sites and name not in rounds.errors:
+            rounds.add(name, lambda: self.build(name))
         error = rounds.errors.get(name)
         conn.send_bytes(json.dumps({"ok": error is None, "error": error}).encode("utf-8"))
+        self.names[id(conn)] = name
         log.info("%s: connected%s", name, f" ({error})" if error else "")
+
+    def _task(self, conn: Connection, name: str) -> None:
+        header = _header(conn)
+        blob = conn.recv_bytes()
+        rnd = int(header["round"])
+        meta = {k: v for k, v in dict(header.get("meta") or {}).items() if k in FORWARDED_META}
+        try:
+            params = decode_payload(str(header.get("kind")), blob)
+        except Exception as exc:  # a broadcast that does not decode loses this round, not the site
+            reply = self.rounds.error_reply(f"round {rnd}: the broadcast does not decode ({exc})")
+        else:
+            reply = self.rounds.round(name, rnd, params, meta)
+        kind, out = encode_payload(reply.params)
+        head = {"params_type": reply.params_type, "meta": reply.meta, "metrics": reply.metrics}
+        _send(conn, {**head, "kind": kind}, out)
+
+    def serve(self, listener: Listener) -> None:
+        """Forever: accept relays (a helper thread does the handshake-free accepting) and answer
+        whichever has a message waiting, in this thread."""
+        accepted: queue.Queue[Connection] = queue.Queue()
+
+        def accept() -> None:
+            while True:
+                try:
+                    accepted.put(listener.accept())
+                except (OSError, EOFError, AuthenticationError) as exc:  # no key, or hung up
+                    log.warning("refused a connection: %s", exc)
+
+        threading.Thread(target=accept, name="accept", daemon=True).start()
+        conns: list[Connection] = []
         while True:
-            header = _header(conn)
-            blob = conn.recv_bytes()
-            rnd = int(header["round"])
-            meta = {k: v for k, v in dict(header.get("meta") or {}).items() if k in FORWARDED_META}
-            try:
-                params = decode_payload(str(header.get("kind")), blob)
-            except Exception as exc:  # a broadcast that does not decode loses this round, not the site
-                reply = rounds.error_reply(f"round {rnd}: the broadcast does not decode ({exc})")
-            else:
-                with lock:
-                    reply = rounds.round(name, rnd, params, meta)
-            kind, out = encode_payload(reply.params)
-            head = {"params_type": reply.params_type, "meta": reply.meta, "metrics": reply.metrics}
-            _send(conn, {**head, "kind": kind}, out)
-    except EOFError:
-        log.info("%s: disconnected", name)
-    except Exception:
-        log.exception("%s: relay session failed", name)
-    finally:
-        conn.close()
+            while not accepted.empty():
+                conns.append(accepted.get_nowait())
+            for conn in wait(conns, timeout=0.2) if conns else []:
+                if not self.handle(conn):  # type: ignore[arg-type]
+                    conns.remove(conn)  # type: ignore[arg-type]
+            if not conns:
+                time.sleep(0.05)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -136,21 +178,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     cfg = load_site_config(args.config)  # with this machine's site overrides, as a site process has them
     run_data = load_data(cfg, eval_splits=False)
     family, _ = build_family(cfg)  # the one backbone of this machine, LoRA attached
-    rounds = SiteRounds(cfg)
-    lock = threading.Lock()
 
     def build(name: str):
         return build_site(cfg, name, partition_path=args.partition, family=family, run_data=run_data)
 
     listener = Listener(args.address, family="AF_UNIX", authkey=key)
     log.info("shared trainer listening on %s", args.address)
-    while True:
-        try:
-            conn = listener.accept()
-        except (OSError, EOFError, AuthenticationError) as exc:  # no key, or it hung up in the handshake
-            log.warning("refused a connection: %s", exc)
-            continue
-        threading.Thread(target=serve_connection, args=(conn, rounds, build, lock), daemon=True).start()
+    TrainerServer(SiteRounds(cfg), build).serve(listener)
 
 
 if __name__ == "__main__":
