@@ -26,6 +26,7 @@ __all__ = ["RunResult", "collect", "write_report"]
 _SWEEP_INDEX = "sweep.json"
 _GRID_AXES = ("federation.clients", "federation.alpha", "federation.strategy", "seed")
 _FAMILY_AXIS = "model.family"
+_ROUNDS_AXIS = "federation.rounds"
 _NO_GENEVAL = "No GenEval results in these runs (no `geneval` entry in their summary.json)."
 
 
@@ -63,6 +64,9 @@ class RunResult:
     client_mean: float | None = None
     client_p10: float | None = None
     client_worst: float | None = None
+    rounds: int = 0  # federation.rounds of the run's config
+    # the variant without the round count: runs that differ only in it make one convergence row
+    rounds_variant: str = ""
 
     @property
     def finished(self) -> bool:
@@ -112,6 +116,7 @@ def _load_run(
     source: Path | None,
     variant: str,
     base_variant: str = "",
+    rounds_variant: str = "",
 ) -> RunResult:
     summary = _summary(path / "summary.json")
     cfg_path = path / "config.yaml"
@@ -164,6 +169,8 @@ def _load_run(
             if (g := _geneval(row)) is not None
         },
         base_variant=base_variant,
+        rounds=int(fed.get("rounds", 0)),
+        rounds_variant=rounds_variant,
         **_client_view(summary.federated),
     )
 
@@ -202,6 +209,7 @@ def _with_baselines(d: Path, base_dir: Path | None, cell: dict) -> RunResult:
         source=base_dir if baselines is not None else None,
         variant=_variant(cell.get("settings") or {}),
         base_variant=_variant(cell.get("settings") or {}, skip=(_FAMILY_AXIS,)),
+        rounds_variant=_variant(cell.get("settings") or {}, skip=(_ROUNDS_AXIS,)),
     )
 
 
@@ -327,6 +335,41 @@ def _accuracy_tables(runs: list[RunResult]) -> list[str]:
         "",
         *_table(header, retention),
     ]
+
+
+def _convergence_section(results: Sequence[RunResult]) -> list[str]:
+    """Retention (federated / centralized of the same seed and the same examples seen) against the
+    round count, for runs that differ only in ``federation.rounds`` (a sweep axis)."""
+    groups: dict[tuple[str, str], list[RunResult]] = {}
+    for r in results:
+        if r.finished and r.centralized:
+            groups.setdefault((r.strategy, r.rounds_variant), []).append(r)
+    lines: list[str] = []
+    for (strategy, variant), runs in sorted(groups.items()):
+        rounds = sorted({r.rounds for r in runs})
+        if len(rounds) < 2:
+            continue
+        settings = sorted({(r.clients, r.alpha) for r in runs})
+        header = ["K, alpha", *(f"{n} rounds" for n in rounds)]
+
+        def cell(k: int, a: float, n: int, runs=runs) -> str:
+            got = [r for r in runs if (r.clients, r.alpha, r.rounds) == (k, a, n)]
+            if not got:
+                return "-"
+            ret = _mean_std([100.0 * r.federated / r.centralized for r in got])  # type: ignore[operator]
+            fed = _mean_std([r.federated for r in got])  # type: ignore[misc]
+            return f"{ret} ({fed}, n={len(got)})"
+
+        rows = [[f"{k}, {_alpha(a)}", *(cell(k, a, n) for n in rounds)] for k, a in settings]
+        lines += [
+            f"### Strategy {_title(strategy, variant)}",
+            "",
+            "Retention (%), mean ± std over seeds; in brackets the federated test VQA (%) and the number "
+            "of seeds. Each round count has its own centralized baseline (rounds x local epochs):",
+            "",
+            *_table(header, rows),
+        ]
+    return lines or ["No runs that differ only in their round count.", ""]
 
 
 def _worst_client_section(groups: dict[tuple[str, str], list[RunResult]]) -> list[str]:
@@ -644,6 +687,8 @@ def write_report(results: Sequence[RunResult], out_dir: str | Path) -> Path:
     for (strategy, variant), runs in groups.items():
         lines += [f"### Strategy {_title(strategy, variant)}", "", *_accuracy_tables(runs)]
     lines += ["## Worst-client accuracy", "", *_worst_client_section(groups)]
+    if len({r.rounds for r in results if r.finished}) > 1:
+        lines += ["## Retention by rounds", "", *_convergence_section(results)]
     lines += ["## Communication per round", "", *_communication_table(results)]
     lines += ["## Accuracy per round", ""]
     for (strategy, variant), runs in groups.items():

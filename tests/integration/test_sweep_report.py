@@ -305,11 +305,14 @@ def _fake_run(
     acc: float,
     central: float,
     family: str | None = None,
+    rounds: int | None = None,
     **extra,
 ):
     d = root / name
     d.mkdir(parents=True)
     cfg = {"seed": seed, "federation": {"clients": k, "alpha": alpha, "strategy": "fedavg"}}
+    if rounds is not None:
+        cfg["federation"]["rounds"] = rounds
     if family is not None:
         cfg["model"] = {"family": family}
     (d / "config.yaml").write_text(yaml.safe_dump(cfg))
@@ -360,6 +363,23 @@ def test_report_mean_std_over_seeds_and_geneval(tmp_path):
     assert _md_table(md, "GenEval scores")[1] == ["2", "0.1", "0.500", "0.750", "0.250"]
     with pytest.raises(DataError, match="neither a run directory"):
         collect([tmp_path / "nowhere"])
+
+
+def test_report_retention_by_rounds(tmp_path):
+    dirs = [
+        _fake_run(tmp_path, "r5s0", k=16, alpha=0.1, seed=0, acc=40.0, central=50.0, rounds=5),
+        _fake_run(tmp_path, "r5s1", k=16, alpha=0.1, seed=1, acc=44.0, central=55.0, rounds=5),
+        _fake_run(tmp_path, "r10s0", k=16, alpha=0.1, seed=0, acc=45.0, central=50.0, rounds=10),
+        _fake_run(tmp_path, "k2r10", k=2, alpha=1.0, seed=0, acc=30.0, central=60.0, rounds=10),
+    ]
+    md = write_report(collect(dirs), tmp_path / "rep").read_text()
+    table = _md_table(md, "in brackets the federated test VQA")
+    assert table[0] == ["K, alpha", "5 rounds", "10 rounds"]
+    assert table[1] == ["2, 1.0", "-", "50.00 (30.00, n=1)"]
+    assert table[2] == ["16, 0.1", "80.00 ± 0.00 (42.00 ± 2.83, n=2)", "90.00 (45.00, n=1)"]
+    # one round count: no such section
+    single = write_report(collect(dirs[:2]), tmp_path / "single").read_text()
+    assert "Retention by rounds" not in single
 
 
 def test_report_puts_two_families_side_by_side_and_never_in_one_table(tmp_path):
