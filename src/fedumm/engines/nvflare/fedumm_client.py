@@ -5,8 +5,10 @@ environment names a shared trainer)."""
 import os
 import sys
 
+from fedumm.engines.nvflare.names import ENV_TRAINER_ADDRESS
+
 if __name__ == "__main__":
-    if os.environ.get("FEDUMM_TRAINER_ADDRESS"):  # names.ENV_TRAINER_ADDRESS; this site relays
+    if os.environ.get(ENV_TRAINER_ADDRESS):  # this site relays to the machine's shared trainer
         from fedumm.engines.nvflare.relay import main as relay_main
 
         relay_main(sys.argv[1:])

@@ -30,7 +30,20 @@ from fedumm.engines.nvflare.names import (
 
 log = logging.getLogger(__name__)
 
-__all__ = ["connect", "forward", "main"]
+__all__ = ["connect", "forward", "main", "recv_json", "send_json"]
+
+
+def send_json(conn: Connection, obj: dict) -> None:
+    """One header of the trainer's socket protocol (both ends use these two)."""
+    conn.send_bytes(json.dumps(obj).encode("utf-8"))
+
+
+def recv_json(conn: Connection) -> dict:
+    """The next header: a JSON object of at most MAX_HEADER bytes, or ValueError."""
+    obj = json.loads(conn.recv_bytes(MAX_HEADER).decode("utf-8"))
+    if not isinstance(obj, dict):
+        raise ValueError("a header must be a JSON object")
+    return obj
 
 
 def connect(address: str, key: bytes, timeout: float) -> Connection:
@@ -60,9 +73,9 @@ def forward(conn: Connection, rnd: int, params: dict, meta: dict) -> tuple[str, 
     else:  # under HE: the arrays FLARE's decryptor left
         kind, payload = "arrays", save({k: np.ascontiguousarray(v) for k, v in params.items()})
     header = {"round": rnd, "meta": {k: meta[k] for k in FORWARDED_META if k in meta}, "kind": kind}
-    conn.send_bytes(json.dumps(header).encode("utf-8"))
+    send_json(conn, header)
     conn.send_bytes(payload)
-    reply = json.loads(conn.recv_bytes(MAX_HEADER).decode("utf-8"))
+    reply = recv_json(conn)
     blob = conn.recv_bytes()
     out_meta = dict(reply.get("meta") or {})
     if reply.get("kind") == "packed":
@@ -92,8 +105,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     gone: str | None = None
     try:
         conn = connect(address, key, timeout)
-        conn.send_bytes(json.dumps({"site": site}).encode("utf-8"))
-        hello = json.loads(conn.recv_bytes(MAX_HEADER).decode("utf-8"))
+        send_json(conn, {"site": site})
+        hello = recv_json(conn)
         why = "" if hello.get("ok") else f" ({hello.get('error')})"
         log.info("%s: relaying to the shared trainer%s", site, why)
     except Exception as exc:

@@ -23,7 +23,6 @@ messages are a JSON header and one safetensors payload, never pickle:
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import queue
@@ -33,7 +32,8 @@ from collections.abc import Sequence
 from multiprocessing import AuthenticationError
 from multiprocessing.connection import Connection, Listener, wait
 
-from fedumm.engines.nvflare.names import ENV_TRAINER_KEY, FORWARDED_META, MAX_HEADER
+from fedumm.engines.nvflare.names import ENV_TRAINER_KEY, FORWARDED_META
+from fedumm.engines.nvflare.relay import recv_json, send_json
 
 log = logging.getLogger(__name__)
 
@@ -64,18 +64,6 @@ def decode_payload(kind: str, blob: bytes) -> dict:
 
         return load_np(blob)
     raise ValueError(f"unknown payload kind {kind!r}")
-
-
-def _header(conn: Connection) -> dict:
-    header = json.loads(conn.recv_bytes(MAX_HEADER).decode("utf-8"))
-    if not isinstance(header, dict):
-        raise ValueError("a header must be a JSON object")
-    return header
-
-
-def _send(conn: Connection, header: dict, blob: bytes) -> None:
-    conn.send_bytes(json.dumps(header).encode("utf-8"))
-    conn.send_bytes(blob)
 
 
 class TrainerServer:
@@ -109,19 +97,19 @@ class TrainerServer:
         return False
 
     def _hello(self, conn: Connection) -> None:
-        name = str(_header(conn).get("site", ""))
+        name = str(recv_json(conn).get("site", ""))
         if not name:
             raise ValueError("the first message must name the site")
         rounds = self.rounds
         if name not in rounds.sites and name not in rounds.errors:
             rounds.add(name, lambda: self.build(name))
         error = rounds.errors.get(name)
-        conn.send_bytes(json.dumps({"ok": error is None, "error": error}).encode("utf-8"))
+        send_json(conn, {"ok": error is None, "error": error})
         self.names[id(conn)] = name
         log.info("%s: connected%s", name, f" ({error})" if error else "")
 
     def _task(self, conn: Connection, name: str) -> None:
-        header = _header(conn)
+        header = recv_json(conn)
         blob = conn.recv_bytes()
         rnd = int(header["round"])
         meta = {k: v for k, v in dict(header.get("meta") or {}).items() if k in FORWARDED_META}
@@ -133,7 +121,8 @@ class TrainerServer:
             reply = self.rounds.round(name, rnd, params, meta)
         kind, out = encode_payload(reply.params)
         head = {"params_type": reply.params_type, "meta": reply.meta, "metrics": reply.metrics}
-        _send(conn, {**head, "kind": kind}, out)
+        send_json(conn, {**head, "kind": kind})
+        conn.send_bytes(out)
 
     def serve(self, listener: Listener) -> None:
         """Forever: accept relays (a helper thread does the handshake-free accepting) and answer
