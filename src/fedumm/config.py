@@ -174,6 +174,13 @@ class FederationConfig(_Strict):
     secure_aggregation: Literal["none", "he"] = Field(
         default="none", description="he: FedAvg over CKKS-encrypted deltas on FLARE (nvflare-poc)"
     )
+    test_at_rounds: list[int] = Field(
+        default_factory=list,
+        description=(
+            "also score the global adapter on the test split after these rounds, and the centralized"
+            " baseline after the same examples seen (round x local epochs): retention by rounds from one run"
+        ),
+    )
 
     @model_validator(mode="after")
     def _check(self) -> FederationConfig:
@@ -192,7 +199,15 @@ class FederationConfig(_Strict):
                 raise ValueError(f"task_fractions must be >= 0 and sum to 1, got {self.task_fractions}")
         if self.client_tasks is not None and len(self.client_tasks) != self.clients:
             raise ValueError(f"client_tasks lists {len(self.client_tasks)} clients, clients={self.clients}")
+        bad = [r for r in self.test_at_rounds if not 1 <= r <= self.rounds]
+        if bad:
+            raise ValueError(f"test_at_rounds {bad}: each must be a round from 1 to rounds={self.rounds}")
         return self
+
+    @field_validator("test_at_rounds")
+    @classmethod
+    def _sorted_rounds(cls, value: list[int]) -> list[int]:
+        return sorted(set(value))
 
     def task_of_clients(self) -> list[Task]:
         """The task mix of each client, in client order.

@@ -50,6 +50,8 @@ from fedumm.types import AdapterState, RoundRecord
 from fedumm.wire import pack_state
 
 log = logging.getLogger(__name__)
+# metrics.jsonl, a round's "global": the test VQA after a round of federation.test_at_rounds
+TEST_VQA_KEY = "test_vqa_accuracy"
 
 __all__ = ["run_experiment", "resume_experiment", "peak_rss_bytes"]
 
@@ -239,6 +241,17 @@ def run_experiment(
             central_spec = train_spec(cfg, fed.rounds * cfg.train.local_epochs)
             steps = num_steps(len(pooled), central_spec, len(pooled_gen))
             progress.start("central", "centralized baseline: steps", steps)
+            central_by_round: dict[int, float] = {}
+
+            def central_checkpoint(epochs: int) -> None:
+                """Test VQA after the examples a federation has seen by a round of test_at_rounds."""
+                rnd, rest = divmod(epochs, cfg.train.local_epochs)
+                if rest == 0 and rnd in fed.test_at_rounds and rnd != fed.rounds:
+                    state = get_adapter_state(family.model)
+                    central_by_round[rnd] = evaluate_test(state, f"centralized, {rnd} rounds' epochs (test)")[
+                        0
+                    ]
+
             res = train_local(
                 family,
                 pooled,
@@ -246,6 +259,7 @@ def run_experiment(
                 seed=derive_seed(cfg.seed, "centralized"),
                 progress=lambda d, t: progress.update("central", d),
                 gen_samples=pooled_gen,
+                on_epoch=central_checkpoint if fed.test_at_rounds else None,
             )
             progress.finish("central")
             central_state = get_adapter_state(family.model)
@@ -254,6 +268,7 @@ def run_experiment(
             summary = summary.with_(
                 centralized=SettingResult(
                     vqa_accuracy=acc,
+                    vqa_by_round={**central_by_round, fed.rounds: acc} if fed.test_at_rounds else {},
                     client_vqa=per_client,
                     val_vqa_accuracy=val,
                     train_loss=res.loss,
@@ -280,6 +295,8 @@ def run_experiment(
 
         def eval_round(state: AdapterState, rnd: int) -> dict[str, float]:
             metrics = {"vqa_accuracy": evaluate(state, data.val, f"round {rnd} (val)")}
+            if rnd in fed.test_at_rounds and rnd != fed.rounds:  # the last round's is the federated result
+                metrics[TEST_VQA_KEY] = evaluate_test(state, f"round {rnd} (test)")[0]
             loss = generation_loss(state, data.val_captions)
             if loss is not None:
                 metrics[loss_name] = loss
@@ -307,9 +324,11 @@ def run_experiment(
         progress.finish("rounds")
         last = rounds_done[-1]["global"]
         acc, per_client = evaluate_test(final, "federated (test)")
+        by_round = {r["round"]: r["global"][TEST_VQA_KEY] for r in rounds_done if TEST_VQA_KEY in r["global"]}
         summary = summary.with_(
             federated=SettingResult(
                 vqa_accuracy=acc,
+                vqa_by_round={**by_round, fed.rounds: acc} if fed.test_at_rounds else {},
                 client_vqa=per_client,
                 val_vqa_accuracy=last["vqa_accuracy"],
                 rounds=fed.rounds,

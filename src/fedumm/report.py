@@ -67,6 +67,8 @@ class RunResult:
     rounds: int = 0  # federation.rounds of the run's config
     # the variant without the round count: runs that differ only in it make one convergence row
     rounds_variant: str = ""
+    # federation.test_at_rounds: (round, federated test VQA, centralized test VQA after as many epochs)
+    by_round: tuple[tuple[int, float, float], ...] = ()
 
     @property
     def finished(self) -> bool:
@@ -171,8 +173,19 @@ def _load_run(
         base_variant=base_variant,
         rounds=int(fed.get("rounds", 0)),
         rounds_variant=rounds_variant,
+        by_round=_by_round(summary.federated, base.centralized),
         **_client_view(summary.federated),
     )
+
+
+def _by_round(
+    fed: SettingResult | None, central: SettingResult | None
+) -> tuple[tuple[int, float, float], ...]:
+    """The rounds at which both the federation and its centralized baseline were scored on the test split."""
+    if fed is None or central is None:
+        return ()
+    both = sorted(set(fed.vqa_by_round) & set(central.vqa_by_round))
+    return tuple((r, fed.vqa_by_round[r], central.vqa_by_round[r]) for r in both)
 
 
 def _client_view(entry: SettingResult | None) -> dict[str, float | None]:
@@ -340,24 +353,30 @@ def _accuracy_tables(runs: list[RunResult]) -> list[str]:
 def _convergence_section(results: Sequence[RunResult]) -> list[str]:
     """Retention (federated / centralized of the same seed and the same examples seen) against the
     round count, for runs that differ only in ``federation.rounds`` (a sweep axis)."""
-    groups: dict[tuple[str, str], list[RunResult]] = {}
+    # (strategy, variant) -> (K, alpha, rounds, seed) -> (federated, centralized); a round scored inside
+    # a longer run (federation.test_at_rounds) is the same measurement as a run of that many rounds
+    groups: dict[tuple[str, str], dict[tuple[int, float, int, int], tuple[float, float]]] = {}
     for r in results:
-        if r.finished and r.centralized:
-            groups.setdefault((r.strategy, r.rounds_variant), []).append(r)
+        if not (r.finished and r.centralized):
+            continue
+        points = groups.setdefault((r.strategy, r.rounds_variant), {})
+        points[(r.clients, r.alpha, r.rounds, r.seed)] = (r.federated, r.centralized)  # type: ignore[assignment]
+        for n, fed_acc, central_acc in r.by_round:
+            points.setdefault((r.clients, r.alpha, n, r.seed), (fed_acc, central_acc))
     lines: list[str] = []
-    for (strategy, variant), runs in sorted(groups.items()):
-        rounds = sorted({r.rounds for r in runs})
+    for (strategy, variant), points in sorted(groups.items()):
+        rounds = sorted({key[2] for key in points})
         if len(rounds) < 2:
             continue
-        settings = sorted({(r.clients, r.alpha) for r in runs})
+        settings = sorted({key[:2] for key in points})
         header = ["K, alpha", *(f"{n} rounds" for n in rounds)]
 
-        def cell(k: int, a: float, n: int, runs=runs) -> str:
-            got = [r for r in runs if (r.clients, r.alpha, r.rounds) == (k, a, n)]
+        def cell(k: int, a: float, n: int, points=points) -> str:
+            got = [v for key, v in points.items() if key[:3] == (k, a, n)]
             if not got:
                 return "-"
-            ret = _mean_std([100.0 * r.federated / r.centralized for r in got])  # type: ignore[operator]
-            fed = _mean_std([r.federated for r in got])  # type: ignore[misc]
+            ret = _mean_std([100.0 * f / c for f, c in got])
+            fed = _mean_std([f for f, _ in got])
             return f"{ret} ({fed}, n={len(got)})"
 
         rows = [[f"{k}, {_alpha(a)}", *(cell(k, a, n) for n in rounds)] for k, a in settings]
@@ -365,7 +384,9 @@ def _convergence_section(results: Sequence[RunResult]) -> list[str]:
             f"### Strategy {_title(strategy, variant)}",
             "",
             "Retention (%), mean ± std over seeds; in brackets the federated test VQA (%) and the number "
-            "of seeds. Each round count has its own centralized baseline (rounds x local epochs):",
+            "of seeds. Each round count has its own centralized baseline (rounds x local epochs; a round"
+            " scored inside a longer run, federation.test_at_rounds, against the baseline's state after as"
+            " many epochs):",
             "",
             *_table(header, rows),
         ]

@@ -73,6 +73,23 @@ def _client_vqa(value: Any, where: str) -> dict[str, ClientAccuracy]:
     return out
 
 
+def _by_round(value: Any, where: str) -> dict[int, float]:
+    """{"5": 41.2, ...} -> {5: 41.2}: round numbers (positive integers as keys) to percentages."""
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise DataError(f"{where}: expected an object round -> accuracy, got {value!r}")
+    out = {}
+    for key, acc in value.items():
+        if not str(key).isdigit() or int(key) < 1:
+            raise DataError(f"{where}: {key!r} is not a round number")
+        number = _number(acc, f"{where}.{key}")
+        if number is None:
+            raise DataError(f"{where}.{key}: missing accuracy")
+        out[int(key)] = number
+    return out
+
+
 def _integer(value: Any, where: str) -> int | None:
     if value is None:
         return None
@@ -100,6 +117,8 @@ class SettingResult:
     attack_success: float | None = None
     # each client's test accuracy on its own answer distribution (fedumm.eval.clients)
     client_vqa: Mapping[str, ClientAccuracy] = field(default_factory=dict)
+    # federation.test_at_rounds: test VQA after round r (centralized: after r x local epochs)
+    vqa_by_round: Mapping[int, float] = field(default_factory=dict)
 
     @property
     def client_vqa_summary(self) -> dict[str, float | str]:
@@ -124,6 +143,8 @@ class SettingResult:
         out.update({f"{GENEVAL_PREFIX}{k}": v for k, v in self.geneval.items()})
         if self.wall_time_s is not None:
             out["wall_time_s"] = self.wall_time_s
+        if self.vqa_by_round:
+            out["vqa_accuracy_by_round"] = {str(r): v for r, v in sorted(self.vqa_by_round.items())}
         if self.client_vqa:
             out.update({f"client_vqa_{k}": v for k, v in self.client_vqa_summary.items()})
             out["client_vqa"] = {
@@ -157,6 +178,7 @@ class SettingResult:
             wall_time_s=_number(obj.get("wall_time_s"), f"{where}.wall_time_s"),
             attack_success=_number(obj.get("attack_success"), f"{where}.attack_success"),
             client_vqa=_client_vqa(obj.get("client_vqa"), f"{where}.client_vqa"),
+            vqa_by_round=_by_round(obj.get("vqa_accuracy_by_round"), f"{where}.vqa_accuracy_by_round"),
         )
 
 

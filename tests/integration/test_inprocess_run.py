@@ -10,10 +10,11 @@ from peft import PeftModel
 from safetensors.torch import load_file
 
 from fedumm.config import load_config
-from fedumm.errors import CheckpointError
+from fedumm.errors import CheckpointError, ConfigError
 from fedumm.experiment import resume_experiment, run_experiment
 from fedumm.progress import NullProgress
 from fedumm.server.run_dir import RunDir
+from fedumm.summary import RunSummary
 
 pytestmark = pytest.mark.integration
 
@@ -218,3 +219,35 @@ def test_half_precision_downloads_halve_the_broadcast(finished_run, tmp_path):
     assert all(got[k].dtype == torch.float32 for k in got)  # the server keeps the global in fp32
     diff = max(float((got[k] - ref[k]).abs().max()) for k in ref)
     assert 0 < diff < 0.05  # clients trained from the rounded broadcast: close, not equal
+
+
+def test_test_at_rounds_scores_a_round_as_a_shorter_run_ends(finished_run, tmp_path):
+    """federation.test_at_rounds: round 2 of a 3-round run is the 2-round run (adapter, records, test
+    VQA), and the centralized baseline after 2 rounds' epochs scores what a 2-round baseline scores."""
+    tree, ref_out, ref = finished_run
+    longer = {**tree, "federation": {**tree["federation"], "rounds": 3, "test_at_rounds": [2]}}
+    out = tmp_path / "run"
+    summary = run_experiment(load_config(None, tree=longer), out)
+    a = load_file(str(out / "checkpoint" / "round-0002.safetensors"))
+    b = load_file(str(ref_out / "checkpoint" / "round-0002.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in b)
+    strip = lambda r: {k: v for k, v in r.items() if k != "wall_time_s"}  # noqa: E731
+    rounds = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    ref_rounds = [strip(json.loads(x)) for x in (ref_out / "metrics.jsonl").read_text().splitlines()]
+    scored = rounds[1]["global"].pop("test_vqa_accuracy")
+    assert [strip(r) for r in rounds[:2]] == ref_rounds
+    assert "test_vqa_accuracy" not in rounds[0]["global"] and "test_vqa_accuracy" not in rounds[2]["global"]
+    assert summary.federated.vqa_by_round == {2: scored, 3: summary.federated.vqa_accuracy}
+    assert scored == ref.federated.vqa_accuracy
+    assert summary.centralized.vqa_by_round[2] == ref.centralized.vqa_accuracy
+    assert summary.centralized.vqa_by_round[3] == summary.centralized.vqa_accuracy
+    # and the summary round-trips through its JSON
+    again = RunSummary.from_json(json.loads((out / "summary.json").read_text()))
+    assert again.federated.vqa_by_round == summary.federated.vqa_by_round
+
+
+def test_test_at_rounds_outside_the_run_is_refused(finished_run):
+    tree, _, _ = finished_run
+    bad = {**tree, "federation": {**tree["federation"], "test_at_rounds": [0, 3]}}
+    with pytest.raises(ConfigError, match=r"test_at_rounds \[0, 3\]"):
+        load_config(None, tree=bad)

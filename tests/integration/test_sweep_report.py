@@ -382,6 +382,51 @@ def test_report_retention_by_rounds(tmp_path):
     assert "Retention by rounds" not in single
 
 
+def test_report_retention_by_rounds_from_rounds_scored_inside_one_run(tmp_path):
+    """federation.test_at_rounds: a 10-round run scored after round 5 gives the 5-round point itself;
+    a separate 5-round run of the same seed is the same measurement and is not counted twice."""
+
+    def scored(acc5, acc10, c5, c10):
+        return {
+            "federated": {"vqa_accuracy": acc10, "vqa_accuracy_by_round": {"5": acc5, "10": acc10}},
+            "centralized": {
+                "vqa_accuracy": c10,
+                "val_vqa_accuracy": c10,
+                "vqa_accuracy_by_round": {"5": c5, "10": c10},
+            },
+        }
+
+    dirs = [
+        _fake_run(
+            tmp_path,
+            "s0",
+            k=16,
+            alpha=0.1,
+            seed=0,
+            acc=0,
+            central=0,
+            rounds=10,
+            **scored(40.0, 45.0, 50.0, 50.0),
+        ),
+        _fake_run(
+            tmp_path,
+            "s1",
+            k=16,
+            alpha=0.1,
+            seed=1,
+            acc=0,
+            central=0,
+            rounds=10,
+            **scored(33.0, 36.0, 55.0, 40.0),
+        ),
+        _fake_run(tmp_path, "s0r5", k=16, alpha=0.1, seed=0, acc=40.0, central=50.0, rounds=5),
+    ]
+    md = write_report(collect(dirs), tmp_path / "rep").read_text()
+    table = _md_table(md, "in brackets the federated test VQA")
+    assert table[0] == ["K, alpha", "5 rounds", "10 rounds"]
+    assert table[1] == ["16, 0.1", "70.00 ± 14.14 (36.50 ± 4.95, n=2)", "90.00 ± 0.00 (40.50 ± 6.36, n=2)"]
+
+
 def test_report_puts_two_families_side_by_side_and_never_in_one_table(tmp_path):
     geneval = {"geneval": {"overall": 0.25, "tags": {"colors": 0.5}}}
     dirs = [

@@ -37,6 +37,38 @@ def test_same_seed_same_result(fam_and_data):
     assert delta_norm(a, start) > 0
 
 
+def test_scoring_after_an_epoch_leaves_the_later_epochs_unchanged(fam_and_data, tiny_checkpoint):
+    """on_epoch (the centralized baseline's test_at_rounds) sees the model after n epochs exactly as a
+    run of n epochs ends, and the epochs after it are those of a run without the call."""
+    from fedumm.eval.tasks import evaluate_vqa
+
+    _, data = fam_and_data
+    fam = JanusFamily.from_pretrained(tiny_checkpoint)
+    fam.attach_lora(LoraSpec(rank=4, alpha=8, dropout=0.2), seed=0)  # dropout draws from the global RNG
+    spec = TrainSpec(batch_size=8, lr=0.01, epochs=3)
+    start = get_adapter_state(fam.model)
+    seen: dict[int, dict] = {}
+
+    def score(n: int) -> None:
+        seen[n] = get_adapter_state(fam.model)
+        evaluate_vqa(fam, data[:8], batch_size=8)  # puts the model in eval mode
+        torch.rand(100)  # and draws from the global generator, which training's dropout uses
+
+    train_local(fam, data, spec=spec, seed=5, on_epoch=score)
+    scored = get_adapter_state(fam.model)
+    set_adapter_state_(fam.model, start)
+    train_local(fam, data, spec=TrainSpec(batch_size=8, lr=0.01, epochs=2), seed=5)
+    two = get_adapter_state(fam.model)
+    set_adapter_state_(fam.model, start)
+    train_local(fam, data, spec=spec, seed=5)
+    plain = get_adapter_state(fam.model)
+    set_adapter_state_(fam.model, start)
+    assert sorted(seen) == [1, 2, 3]
+    assert all(torch.equal(seen[2][k], two[k]) for k in two)
+    assert all(torch.equal(scored[k], plain[k]) for k in plain)
+    assert delta_norm(seen[3], seen[2]) > 0
+
+
 def test_fedprox_term_keeps_weights_closer(fam_and_data):
     fam, data = fam_and_data
     spec = TrainSpec(batch_size=8, lr=0.01, epochs=2)

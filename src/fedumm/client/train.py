@@ -104,13 +104,16 @@ def train_local(
     proximal_mu: float = 0.0,
     gen_samples: Sequence = (),
     cfg_drop_prob: float = 0.1,
+    on_epoch: Callable[[int], None] | None = None,
 ) -> TrainResult:
     """E epochs of AdamW with gradient accumulation over ``samples``, seeded shuffling; trains in place.
 
     ``gen_samples`` (caption examples) add text-to-image batches, shuffled in among the VQA batches;
     each optimizer step sees one task. ``proximal_mu`` > 0 adds FedProx's mu/2 * ||w - w_start||^2
     over the trainable adapter weights, anchored at the weights the call starts from (the global
-    adapter).
+    adapter). ``on_epoch(n)`` runs after the n-th epoch's last step (e.g. to score the model so far)
+    under its own RNG state and leaves training exactly as it found it: the epochs after it are the
+    same as without the call.
     """
     if not samples and not gen_samples:
         raise ConfigError("train_local: no training samples")
@@ -126,7 +129,7 @@ def train_local(
     model.train()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # LoRA dropout, if any
-        for _ in range(spec.epochs):
+        for epoch in range(spec.epochs):
             batches = epoch_batches(len(samples), len(gen_samples), spec, gen, gen_gen)
             last_epoch_losses = {"vqa": [], "caption": []}
             opt.zero_grad(set_to_none=True)
@@ -155,6 +158,10 @@ def train_local(
                     step += 1
                     if progress:
                         progress(step, total)
+            if on_epoch is not None:
+                with torch.random.fork_rng(devices=[]):
+                    on_epoch(epoch + 1)
+                model.train()
     model.eval()
     everything = last_epoch_losses["vqa"] + last_epoch_losses["caption"]
     caption = last_epoch_losses["caption"]
