@@ -2,8 +2,9 @@
 
 Usage: .venv/bin/python benchmarks/he_overhead.py configs/demo.yaml --out runs/bench-he --rounds 3
 
-Runs the same federation twice on ``nvflare-poc`` (baselines and GenEval off, the norm bound off in
-both runs since HE cannot apply it): plaintext FedAvg, then FedAvg over CKKS-encrypted deltas. Per
+Runs the same federation twice on ``nvflare-poc`` (baselines and GenEval off; the norm bound and the
+robust rule off in both runs, since HE can apply neither and the default rule ``auto`` would run
+multi-Krum on the plaintext side only): plaintext FedAvg, then FedAvg over CKKS-encrypted deltas. Per
 run: the mean round wall time (from metrics.jsonl, the server's round plus this process's
 evaluation), bytes up and down per round (FLARE's serialisation, from the ledger), the federated
 VQA, and the largest absolute difference between the two runs' final adapters. ``--set`` adds
@@ -55,6 +56,7 @@ def main() -> None:
                 f"federation.rounds={args.rounds}",
                 f"federation.secure_aggregation={mode}",
                 "federation.defense.norm_bound=off",
+                "federation.defense.rule=none",
                 "baselines.zero_shot=false",
                 "baselines.centralized=false",
                 "geneval.enabled=false",
