@@ -244,6 +244,9 @@ def test_results_folder_roundtrip(tmp_path):
     again = record_from_json(got.record, global_metrics={"vqa_accuracy": 50.0}, extra_wall_s=0.5)
     assert again.global_metrics == {"vqa_accuracy": 50.0} and again.wall_time_s == 2.0
     assert again.to_json() == rec.to_json() | {"global": {"vqa_accuracy": 50.0}, "wall_time_s": 2.0}
+    # the launcher's own interval between finished rounds replaces the server's time where given
+    timed = record_from_json(got.record, global_metrics={}, extra_wall_s=0.5, wall_time_s=0.75)
+    assert timed.wall_time_s == 0.75
     w.error(ValueError("boom"))
     assert r.error() == {"type": "ValueError", "message": "boom"}
 

@@ -66,9 +66,16 @@ class ServerRound:
 
 
 def record_from_json(
-    d: Mapping, *, global_metrics: Mapping[str, float], extra_wall_s: float = 0.0
+    d: Mapping,
+    *,
+    global_metrics: Mapping[str, float],
+    extra_wall_s: float = 0.0,
+    wall_time_s: float | None = None,
 ) -> RoundRecord:
-    """Rebuild the RoundRecord the server wrote, with the launcher's global metrics filled in."""
+    """Rebuild the RoundRecord the server wrote, with the launcher's global metrics filled in.
+
+    Its wall time is ``wall_time_s`` where given (the launcher's own clock), else the server's
+    round time plus ``extra_wall_s``."""
     return RoundRecord(
         round=int(d["round"]),
         clients=tuple(d["clients"]),
@@ -77,7 +84,7 @@ def record_from_json(
         client_metrics={k: dict(v) for k, v in d["client_metrics"].items()},
         bytes_up={k: int(v) for k, v in d["bytes_up"].items()},
         bytes_down={k: int(v) for k, v in d["bytes_down"].items()},
-        wall_time_s=float(d["wall_time_s"]) + extra_wall_s,
+        wall_time_s=float(d["wall_time_s"]) + extra_wall_s if wall_time_s is None else float(wall_time_s),
         defense=tuple(DefenseEvent.from_json(e) for e in d.get("defense", ())),
         adversarial=tuple(d.get("adversarial", ())),
         epsilon=None if d.get("epsilon") is None else float(d["epsilon"]),

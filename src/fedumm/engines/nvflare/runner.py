@@ -291,6 +291,11 @@ def _follow(
     rnd = start_round
     initial = dict(state)
     he_context = None  # secure aggregation: this process evaluates, so it decrypts with a client key
+    # A round's wall time, as the in-process engine counts it: training, aggregation and evaluation.
+    # The server starts round r + 1 while this process still evaluates round r, so adding the
+    # server's round time to the evaluation would count the overlap twice; from the second round
+    # on it is the time between this process finishing round r - 1 and round r.
+    t_prev_done: float | None = None
     # the server times rounds out itself; these limits only catch a FLARE that hangs or never starts
     limit = nv.start_timeout_s + nv.round_timeout_s + EXIT_GRACE_S
     last = time.monotonic()
@@ -313,9 +318,14 @@ def _follow(
                 )
             t_eval = time.perf_counter()
             metrics = dict(evaluate(got.state, rnd)) if evaluate else {}
+            t_done = time.perf_counter()
             record = record_from_json(
-                got.record, global_metrics=metrics, extra_wall_s=time.perf_counter() - t_eval
+                got.record,
+                global_metrics=metrics,
+                extra_wall_s=t_done - t_eval,
+                wall_time_s=None if t_prev_done is None else t_done - t_prev_done,
             )
+            t_prev_done = t_done
             if strategy is not None:
                 strategy.load_state_dict(got.server_state)
             if on_round:
