@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import shutil
 import subprocess
 import sys
@@ -29,6 +30,13 @@ def quiet_log_config(path: Path) -> Path:
     return path
 
 
+LOST_WORKER = re.compile(
+    r"SimulatorClientRunner - ERROR - (?P<what>(?:Communication error with|Subprocess died for) "
+    r"client (?P<site>[\w.-]+)\b.*)$"
+)
+"""A line of the simulator's error log saying that it lost a site's worker process (FLARE 2.x)."""
+
+
 class SimBackend:
     """``python -m nvflare.private.fed.app.simulator.simulator JOB -w WS -c CLIENTS -t K``."""
 
@@ -42,6 +50,8 @@ class SimBackend:
         self.quiet = quiet
         self.proc: subprocess.Popen | None = None
         self.console_log = workspace / "sim_console.log"
+        self._error_log_offset = 0
+        self._lost: tuple[str, str] | None = None
 
     def logs_hint(self) -> str:
         return f"logs: {self.sim_ws}/server/log.txt, {self.sim_ws}/<site>/log.txt, {self.console_log}"
@@ -70,14 +80,43 @@ class SimBackend:
         log.info("FLARE simulator started (pid %d), workspace %s", self.proc.pid, self.sim_ws)
 
     def failure(self) -> str | None:
-        """None while the simulator runs or after a clean exit; a message once it failed."""
+        """None while the simulator runs or after a clean exit; a message once it failed, or once
+        it lost a site's worker (the server would wait the whole round timeout for that site)."""
         self.procs.snapshot()
         if self.proc is None:
             return None
         rc = self.proc.poll()
-        if rc is None or rc == 0:
+        if rc is not None and rc != 0:
+            return f"the FLARE simulator exited with code {rc}"
+        lost = self._lost_worker()
+        if lost is not None:
+            return (
+                f"the FLARE simulator lost the worker of {lost[0]} ({lost[1]}); the server would wait "
+                f"for it until the round times out. Run again (FLARE's simulator can lose a worker "
+                f"while it starts many at once on few cores)"
+            )
+        return None
+
+    def _lost_worker(self) -> tuple[str, str] | None:
+        """(site, FLARE's words) of a worker the simulator reports dead or unreachable, if any
+        (once found, for good)."""
+        if self._lost is not None:
+            return self._lost
+        path = self.sim_ws / "server" / "error_log.txt"
+        try:
+            with path.open("rb") as f:
+                f.seek(self._error_log_offset)
+                text = f.read().decode("utf-8", errors="replace")
+        except OSError:
             return None
-        return f"the FLARE simulator exited with code {rc}"
+        complete, _, _ = text.rpartition("\n")  # whole lines only; the rest is read next time
+        self._error_log_offset += len(complete.encode("utf-8", errors="replace")) + (1 if complete else 0)
+        for line in complete.splitlines():
+            match = LOST_WORKER.search(line)
+            if match is not None:
+                self._lost = (match["site"], match["what"].strip())
+                return self._lost
+        return None
 
     def ended(self) -> bool:
         return self.proc is not None and self.proc.poll() is not None
