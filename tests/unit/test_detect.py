@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image, ImageFilter
+from PIL import Image, ImageDraw, ImageFilter
 
 from fedumm.data.geneval import GenEvalPrompt, Requirement
 from fedumm.data.geneval_prompts import build_prompt_set, render_prompt
@@ -23,6 +23,7 @@ from fedumm.eval.detect import (
     detect,
     detect_file,
     evaluate_images,
+    fit_objects,
     image_name,
     save_detections_jsonl,
 )
@@ -279,6 +280,41 @@ def test_blur_and_noise_keep_classes():
             assert (det.cls, det.color) == (shape, colour)
 
 
+def _rounded_square(corner: int) -> Image.Image:
+    image = Image.new("RGB", (64, 64), BACKGROUND)
+    ImageDraw.Draw(image).rounded_rectangle((20, 20, 42, 42), radius=corner, fill=COLOURS["red"])
+    return image
+
+
+def test_a_blob_between_two_shapes_is_not_passed_off_as_either():
+    """A square whose corners are rounded half-way to a disc is neither: without abstention the
+    detector called it a square with a score (0.70) well above GenEval's 0.3; now it abstains."""
+    legacy = DetectorConfig(min_posterior=0.0, min_quality=0.0)
+    (ambiguous,) = detect(_rounded_square(7), config=legacy)
+    assert ambiguous.score > 0.3
+    (abstained,) = detect(_rounded_square(7))
+    assert abstained.score == 0.0 and abstained.color == "red"  # found and coloured, not named
+    for corner, shape in ((0, "square"), (2, "square"), (11, "circle")):  # the clear ends stay named
+        (det,) = detect(_rounded_square(corner))
+        assert det.cls == shape and det.score > 0.9
+
+
+def test_abstention_thresholds_act_on_the_fit_alone():
+    (fit,) = [f for _, _, f in fit_objects(_rounded_square(7))]
+    assert 0.0 < fit.posterior <= 1.0 and 0.0 < fit.quality <= 1.0 and fit.size == 1.0
+    base = DetectorConfig(min_posterior=0.0, min_quality=0.0)
+    assert fit.score(base) == pytest.approx(fit.posterior * fit.quality * fit.size)
+    assert fit.score(dataclasses.replace(base, min_quality=fit.quality)) == fit.score(base)  # at the bound
+    assert fit.score(dataclasses.replace(base, min_quality=min(1.0, fit.quality + 1e-6))) == 0.0
+    assert fit.score(dataclasses.replace(base, min_posterior=min(1.0, fit.posterior + 1e-6))) == 0.0
+    # detect() is fit_objects() scored: same objects, same order, same boxes
+    scene = Scene(objects=(one("circle", "blue", "large", cx=14, cy=14), one("triangle", "red", "small", cx=48, cy=40)))
+    image = render_scene(scene)
+    assert detect(image) == [
+        Detection(cls=f.shape, box=box, score=f.score(), color=colour) for box, colour, f in fit_objects(image)
+    ]
+
+
 def test_detect_rejects_non_images():
     with pytest.raises(TypeError):
         detect(np.zeros((64, 64, 3), np.uint8))  # type: ignore[arg-type]
@@ -291,6 +327,11 @@ def test_detector_config_validation():
         DetectorConfig(min_area=50, full_area=40)
     with pytest.raises(ValueError):
         DetectorConfig(quality_scale=0)
+    for name in ("min_posterior", "min_quality"):
+        with pytest.raises(ValueError, match=name):
+            DetectorConfig(**{name: 1.5})
+        with pytest.raises(ValueError, match=name):
+            DetectorConfig(**{name: -0.1})
     for name in ("split_coverage", "core_alpha"):
         with pytest.raises(ValueError, match=name):
             DetectorConfig(**{name: 0.0})

@@ -23,7 +23,9 @@ that detector, built from classical image processing only, with no learned weigh
    move when a tip is lost or a corner rounded (see :data:`PROTOTYPES`). Its score is the class
    posterior of an equal-variance Gaussian model around the class prototypes, times a fit
    quality and a size factor: clean renders score above 0.98, well over GenEval's counting
-   threshold of 0.9, and blobs that fit no prototype score low.
+   threshold of 0.9, and blobs that fit no prototype score low. The detector abstains (score 0)
+   on a mask whose posterior or fit quality is below :class:`DetectorConfig`'s ``min_posterior``
+   or ``min_quality``: a blob between two shapes is not passed off as either.
 
 :func:`evaluate_images` runs the detector over a directory of generated images named
 ``{index:05d}_{sample:02d}.png`` and judges them with :func:`fedumm.eval.geneval.evaluate`.
@@ -57,9 +59,11 @@ __all__ = [
     "OTHER_COLOURS",
     "PROTOTYPES",
     "DetectorConfig",
+    "ShapeFit",
     "detect",
     "detect_file",
     "evaluate_images",
+    "fit_objects",
     "image_name",
     "save_detections_jsonl",
 ]
@@ -124,6 +128,14 @@ class DetectorConfig:
     """Spread of the absolute half log-ratio of the axis variances around a prototype."""
     quality_scale: float = 4.0
     """Normalised distance to the best prototype at which the fit quality falls to exp(-1/2)."""
+    min_posterior: float = 0.9
+    """Abstain (score 0, so GenEval's judge drops the object) when the best class's posterior is
+    below this: the mask lies between two prototypes, a blob a person would not name either way.
+    0.9 and ``min_quality`` 0.8 are calibrated by ``benchmarks/detector_calibration.py`` on
+    degraded renders of known shape (docs/BENCHMARKS.md); 0 and 0 give the detector without
+    abstention that judged GenEval before 2026-12-03."""
+    min_quality: float = 0.8
+    """Abstain when the fit quality to the best prototype is below this: the mask fits no class."""
 
     def __post_init__(self) -> None:
         for name, top in (("min_alpha", "1)"), ("split_coverage", "1]"), ("core_alpha", "1]")):
@@ -131,6 +143,10 @@ class DetectorConfig:
             inside = isinstance(value, (int, float)) and 0.0 < value <= 1.0 and (top == "1]" or value < 1.0)
             if not inside:
                 raise ValueError(f"{name} must be in (0, {top}, got {value!r}")
+        for name in ("min_posterior", "min_quality"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not (isinstance(value, (int, float)) and 0.0 <= value <= 1.0):
+                raise ValueError(f"{name} must be in [0, 1], got {value!r}")
         if isinstance(self.grow_steps, bool) or not isinstance(self.grow_steps, int) or self.grow_steps < 0:
             raise ValueError(f"grow_steps must be a non-negative integer, got {self.grow_steps!r}")
         if not 1 <= self.min_area <= self.full_area:
@@ -289,8 +305,25 @@ def _features(ys: np.ndarray, xs: np.ndarray) -> np.ndarray:
     return np.array([diagonal - axis, max(skewness(x), skewness(y)), axis, elongation])
 
 
-def _classify(ys: np.ndarray, xs: np.ndarray, config: DetectorConfig) -> tuple[str, float]:
-    """Shape class and score of one component from its mask's moments."""
+@dataclass(frozen=True)
+class ShapeFit:
+    """How one found object's mask fits the shape classes: the best class, its posterior among the
+    classes, the fit quality to that class's prototype and the size factor, all in [0, 1]."""
+
+    shape: str
+    posterior: float
+    quality: float
+    size: float
+
+    def score(self, config: DetectorConfig = DEFAULT_DETECTOR_CONFIG) -> float:
+        """The detection score: posterior x quality x size, or 0 where ``config`` abstains."""
+        if self.posterior < config.min_posterior or self.quality < config.min_quality:
+            return 0.0
+        return min(1.0, max(0.0, self.posterior * self.quality * self.size))
+
+
+def _shape_fit(ys: np.ndarray, xs: np.ndarray, config: DetectorConfig) -> ShapeFit:
+    """Shape class and fit of one component from its mask's moments."""
     scales = np.array(
         [config.kurtosis_gap_scale, config.skewness_scale, config.kurtosis_scale, config.elongation_scale]
     )
@@ -299,11 +332,23 @@ def _classify(ys: np.ndarray, xs: np.ndarray, config: DetectorConfig) -> tuple[s
     posterior = 1.0 / float(np.exp(-(d2 - d2[best]) / 2.0).sum())
     quality = math.exp(-float(d2[best]) / (2.0 * config.quality_scale**2))
     size = min(1.0, (ys.size - config.min_area + 1) / (config.full_area - config.min_area + 1))
-    return SHAPES[best], min(1.0, max(0.0, posterior * quality * size))
+    return ShapeFit(SHAPES[best], posterior, quality, size)
 
 
 def detect(image: Image.Image, *, config: DetectorConfig = DEFAULT_DETECTOR_CONFIG) -> list[Detection]:
     """Detect the synthetic world's shapes in an image; boxes are inclusive pixels of the input image."""
+    return [
+        Detection(cls=fit.shape, box=box, score=fit.score(config), color=colour)
+        for box, colour, fit in fit_objects(image, config=config)
+    ]
+
+
+def fit_objects(
+    image: Image.Image, *, config: DetectorConfig = DEFAULT_DETECTOR_CONFIG
+) -> list[tuple[tuple[float, float, float, float], str, ShapeFit]]:
+    """The objects :func:`detect` finds, before scoring: ``(box, colour name, ShapeFit)`` each,
+    ordered as :func:`detect` orders its detections (so one image can be scored under several
+    abstention settings without being segmented again)."""
     if not isinstance(image, Image.Image):
         raise TypeError(f"image must be a PIL image, got {type(image).__name__}")
     rgb = image.convert("RGB")
@@ -314,7 +359,7 @@ def detect(image: Image.Image, *, config: DetectorConfig = DEFAULT_DETECTOR_CONF
         rgb = rgb.resize((CANVAS, CANVAS), Image.Resampling.BOX)
     scale_x, scale_y = width / CANVAS, height / CANVAS
     pixels = np.asarray(rgb, dtype=np.float64)
-    detections: list[Detection] = []
+    found: list[tuple[tuple[float, float, float, float], str, ShapeFit]] = []
     alpha, residual = _colour_fit(pixels, config)
     strict = _label_pixels(alpha, residual, config)
     best_alpha = alpha.max(axis=2)
@@ -336,16 +381,15 @@ def detect(image: Image.Image, *, config: DetectorConfig = DEFAULT_DETECTOR_CONF
         else:
             objects.append((_name_colour(pixels[ys, xs], best_alpha[ys, xs], config), ys, xs))
     for colour, ys, xs in objects:
-        shape, score = _classify(ys, xs, config)
         box = (
             float(xs.min()) * scale_x,
             float(ys.min()) * scale_y,
             (float(xs.max()) + 1.0) * scale_x - 1.0,
             (float(ys.max()) + 1.0) * scale_y - 1.0,
         )
-        detections.append(Detection(cls=shape, box=box, score=score, color=colour))
-    detections.sort(key=lambda d: (d.box[0], d.box[1]))
-    return detections
+        found.append((box, colour, _shape_fit(ys, xs, config)))
+    found.sort(key=lambda f: (f[0][0], f[0][1]))
+    return found
 
 
 def detect_file(

@@ -14,13 +14,13 @@ from pathlib import Path
 from typing import Any
 
 from fedumm.data.geneval import GenEvalPrompt, load_metadata
-from fedumm.eval.detect import detect
+from fedumm.eval.detect import DEFAULT_DETECTOR_CONFIG, DetectorConfig, detect
 from fedumm.eval.geneval import evaluate
 from fedumm.seeding import derive_seed
 
 log = logging.getLogger(__name__)
 
-__all__ = ["GenerationEvalSpec", "load_prompts", "evaluate_generation", "flat_metrics"]
+__all__ = ["GenerationEvalSpec", "evaluate_generation", "flat_metrics", "generate_for_prompts", "load_prompts"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -66,26 +66,19 @@ def _grid_choice(prompts: Sequence[GenEvalPrompt], n: int) -> list[int]:
     return sorted(chosen)
 
 
-def evaluate_generation(
+def generate_for_prompts(
     family,
     prompts: Sequence[GenEvalPrompt],
     *,
     spec: GenerationEvalSpec = GenerationEvalSpec(),
-    grid_path: str | Path | None = None,
-    grid_title: str = "",
     progress: Callable[[int, int], None] | None = None,
-) -> dict[str, Any]:
-    """Generate ``images_per_prompt`` images per prompt with the family's current adapter and judge them.
-
-    Returns :func:`fedumm.eval.geneval.evaluate`'s result (``images``, ``tags``, ``overall``; scores
-    in [0, 1]). With ``grid_path`` an image grid PNG (prompts by samples, frames green when judged
-    correct) is written.
-    """
+) -> dict[int, list]:
+    """``images_per_prompt`` images per prompt, ``{prompt index: [PIL images]}``, sampled with the
+    family's current adapter in batches of ``prompts_per_batch`` prompts, each batch under its own
+    seed derived from ``spec.seed`` (so the draws do not depend on what else is scored)."""
     if not prompts:
-        raise ValueError("evaluate_generation needs at least one prompt")
-    detections: dict[int, list] = {}
-    kept_images: dict[int, list] = {}
-    grid_rows = set(_grid_choice(prompts, spec.grid_prompts)) if grid_path else set()
+        raise ValueError("GenEval needs at least one prompt")
+    out: dict[int, list] = {}
     chunks = range(0, len(prompts), spec.prompts_per_batch)
     for b, start in enumerate(chunks):
         chunk = prompts[start : start + spec.prompts_per_batch]
@@ -98,12 +91,35 @@ def evaluate_generation(
         )
         n = spec.images_per_prompt
         for j, p in enumerate(chunk):
-            mine = images[j * n : (j + 1) * n]
-            detections[p.index] = [detect(img) for img in mine]
-            if start + j in grid_rows:
-                kept_images[p.index] = mine
+            out[p.index] = images[j * n : (j + 1) * n]
         if progress:
             progress(b + 1, len(chunks))
+    return out
+
+
+def evaluate_generation(
+    family,
+    prompts: Sequence[GenEvalPrompt],
+    *,
+    spec: GenerationEvalSpec = GenerationEvalSpec(),
+    grid_path: str | Path | None = None,
+    grid_title: str = "",
+    progress: Callable[[int, int], None] | None = None,
+    detector: DetectorConfig = DEFAULT_DETECTOR_CONFIG,
+) -> dict[str, Any]:
+    """Generate ``images_per_prompt`` images per prompt with the family's current adapter and judge them
+    (the built-in detector under ``detector``, the official rules).
+
+    Returns :func:`fedumm.eval.geneval.evaluate`'s result (``images``, ``tags``, ``overall``; scores
+    in [0, 1]). With ``grid_path`` an image grid PNG (prompts by samples, frames green when judged
+    correct) is written.
+    """
+    if not prompts:
+        raise ValueError("evaluate_generation needs at least one prompt")
+    images = generate_for_prompts(family, prompts, spec=spec, progress=progress)
+    detections = {index: [detect(img, config=detector) for img in imgs] for index, imgs in images.items()}
+    grid_rows = set(_grid_choice(prompts, spec.grid_prompts)) if grid_path else set()
+    kept_images = {prompts[i].index: images[prompts[i].index] for i in grid_rows}
     result = evaluate(prompts, detections)
     if grid_path is not None and kept_images:
         from fedumm.plots import plot_image_grid
