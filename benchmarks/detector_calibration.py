@@ -19,8 +19,8 @@ with GenEval's acceptance threshold (score > 0.3):
 For t = 0.5 morphs, "accepted" is the rate at which a blob between two shapes is passed off as a
 named shape. The calibrated setting is the one that is fooled least (accepted t = 0.5 blobs plus
 wrong shapes accepted on every other degradation) among those that keep every clean render right
-and lose at most ``--max-loss`` of the right answers on each of the other non-morph degradations. With ``--adapter`` the same generated images (the
-pretrained model and it with the adapter, 92 built-in prompts x 4, CFG 3, seed 0) are judged by
+and lose at most ``--max-loss`` of the right answers on each of the other non-morph degradations.
+With ``--adapter`` the same generated images (the pretrained model and it with the adapter, 92 built-in prompts x 4, CFG 3, seed 0) are judged by
 the detector without abstention and with the calibrated one. Writes ``calibration.json`` and
 ``calibration.md`` in ``--out``.
 """
@@ -131,7 +131,9 @@ def _cases(per_shape: int, seed: int) -> dict[str, list[tuple[str | None, ShapeF
 
     family = JanusFamily.from_pretrained(None)
     images["VQ round trip"] = list(reconstruct(family.base, family.processor, clean))
-    cases = {name: [(t, _largest(im)) for t, im in zip(truths, ims, strict=True)] for name, ims in images.items()}
+    cases = {
+        name: [(t, _largest(im)) for t, im in zip(truths, ims, strict=True)] for name, ims in images.items()
+    }
     large = [o for o in objects if o.size == "large"]
     for t in MORPHS:
         rows = []
@@ -152,7 +154,9 @@ def _calibrate(table: dict, max_loss: float) -> tuple[float, float]:
             continue
         if any(rows[d]["right"] < legacy[d]["right"] - max_loss for d in exact):
             continue
-        fooled = rows["morph t = 0.5"]["wrong"] + sum(r["wrong"] for d, r in rows.items() if d != "morph t = 0.5")
+        fooled = rows["morph t = 0.5"]["wrong"] + sum(
+            r["wrong"] for d, r in rows.items() if d != "morph t = 0.5"
+        )
         objective = (fooled, -sum(rows[d]["right"] for d in exact))
         if best is None or objective < best:
             best, best_key = objective, key
@@ -224,7 +228,11 @@ def main() -> None:
             "calibrated": replace(DEFAULT_DETECTOR_CONFIG, min_posterior=chosen[0], min_quality=chosen[1]),
         }
         result["geneval"] = _geneval(args.family, args.adapter, configs)
-        lines += ["", "| model, detector | GenEval overall | single | two | counting | colors | position | color attr |"]
+        lines += [
+            "",
+            "| model, detector | GenEval overall | single | two | counting | colors | position "
+            "| color attr |",
+        ]
         lines.append("|---|---|---|---|---|---|---|---|")
         for key, m in result["geneval"].items():
             tags = ("overall", "single_object", "two_object", "counting", "colors", "position", "color_attr")

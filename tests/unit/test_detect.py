@@ -308,10 +308,13 @@ def test_abstention_thresholds_act_on_the_fit_alone():
     assert fit.score(dataclasses.replace(base, min_quality=min(1.0, fit.quality + 1e-6))) == 0.0
     assert fit.score(dataclasses.replace(base, min_posterior=min(1.0, fit.posterior + 1e-6))) == 0.0
     # detect() is fit_objects() scored: same objects, same order, same boxes
-    scene = Scene(objects=(one("circle", "blue", "large", cx=14, cy=14), one("triangle", "red", "small", cx=48, cy=40)))
+    scene = Scene(
+        objects=(one("circle", "blue", "large", cx=14, cy=14), one("triangle", "red", "small", cx=48, cy=40))
+    )
     image = render_scene(scene)
     assert detect(image) == [
-        Detection(cls=f.shape, box=box, score=f.score(), color=colour) for box, colour, f in fit_objects(image)
+        Detection(cls=f.shape, box=box, score=f.score(), color=colour)
+        for box, colour, f in fit_objects(image)
     ]
 
 

@@ -20,7 +20,13 @@ from fedumm.seeding import derive_seed
 
 log = logging.getLogger(__name__)
 
-__all__ = ["GenerationEvalSpec", "evaluate_generation", "flat_metrics", "generate_for_prompts", "load_prompts"]
+__all__ = [
+    "GenerationEvalSpec",
+    "evaluate_generation",
+    "flat_metrics",
+    "generate_for_prompts",
+    "load_prompts",
+]
 
 
 @dataclass(frozen=True, kw_only=True)
