@@ -20,9 +20,9 @@ For t = 0.5 morphs, "accepted" is the rate at which a blob between two shapes is
 named shape. The calibrated setting is the one that is fooled least (accepted t = 0.5 blobs plus
 wrong shapes accepted on every other degradation) among those that keep every clean render right
 and lose at most ``--max-loss`` of the right answers on each of the other non-morph degradations.
-With ``--adapter`` the same generated images (the pretrained model and it with the adapter, 92 built-in prompts x 4, CFG 3, seed 0) are judged by
-the detector without abstention and with the calibrated one. Writes ``calibration.json`` and
-``calibration.md`` in ``--out``.
+With ``--adapter`` the same generated images (the pretrained model and it with the adapter, 92
+built-in prompts x 4, CFG 3, seed 0) are judged by the detector without abstention and with the
+calibrated one. Writes ``calibration.json`` and ``calibration.md`` in ``--out``.
 """
 
 from __future__ import annotations
