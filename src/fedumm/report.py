@@ -708,7 +708,8 @@ def write_report(results: Sequence[RunResult], out_dir: str | Path) -> Path:
     for (strategy, variant), runs in groups.items():
         lines += [f"### Strategy {_title(strategy, variant)}", "", *_accuracy_tables(runs)]
     lines += ["## Worst-client accuracy", "", *_worst_client_section(groups)]
-    if len({r.rounds for r in results if r.finished}) > 1:
+    finished = [r for r in results if r.finished]
+    if len({r.rounds for r in finished}) > 1 or any(r.by_round for r in finished):
         lines += ["## Retention by rounds", "", *_convergence_section(results)]
     lines += ["## Communication per round", "", *_communication_table(results)]
     lines += ["## Accuracy per round", ""]

@@ -425,6 +425,9 @@ def test_report_retention_by_rounds_from_rounds_scored_inside_one_run(tmp_path):
     table = _md_table(md, "in brackets the federated test VQA")
     assert table[0] == ["K, alpha", "5 rounds", "10 rounds"]
     assert table[1] == ["16, 0.1", "70.00 ± 14.14 (36.50 ± 4.95, n=2)", "90.00 ± 0.00 (40.50 ± 6.36, n=2)"]
+    # the rounds scored inside the runs alone (every run 10 rounds long) give the same section
+    md = write_report(collect(dirs[:2]), tmp_path / "rep-inside").read_text()
+    assert _md_table(md, "in brackets the federated test VQA")[1] == table[1]
 
 
 def test_report_puts_two_families_side_by_side_and_never_in_one_table(tmp_path):
