@@ -106,12 +106,12 @@ class SimBackend:
         try:
             with path.open("rb") as f:
                 f.seek(self._error_log_offset)
-                text = f.read().decode("utf-8", errors="replace")
+                data = f.read()
         except OSError:
             return None
-        complete, _, _ = text.rpartition("\n")  # whole lines only; the rest is read next time
-        self._error_log_offset += len(complete.encode("utf-8", errors="replace")) + (1 if complete else 0)
-        for line in complete.splitlines():
+        end = data.rfind(b"\n") + 1  # whole lines only; the rest is read next time
+        self._error_log_offset += end
+        for line in data[:end].decode("utf-8", errors="replace").splitlines():
             match = LOST_WORKER.search(line)
             if match is not None:
                 self._lost = (match["site"], match["what"].strip())
