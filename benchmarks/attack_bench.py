@@ -7,7 +7,8 @@ Usage (each part is resumable: a cell whose summary.json says finished is read, 
     .venv/bin/python benchmarks/attack_bench.py defaults configs/demo.yaml --out runs/bench-defaults
 
 - ``attacks``: federated test VQA (and attack success for ``backdoor``) for every attack kind x every
-  defence at K = 8 with 0, 1 and 2 malicious clients (``--clients``, ``--malicious`` to change);
+  defence at K = 8 with 0, 1 and 2 malicious clients (``--clients``, ``--malicious`` to change;
+  ``--jobs 2`` runs two cells at once, each on one torch thread of a 2-core machine);
 - ``privacy``: federated VQA against epsilon at K = 16, Poisson client sampling (q = 0.25), for no DP
   and noise multipliers 0.3, 0.6, 1.0, 2.0 (``--noise``), C = ``--clip``;
 - ``defaults``: the demo as shipped (default defences: count bound, adaptive norm bound) against the
@@ -24,8 +25,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import multiprocessing
+import os
 import time
 from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 from fedumm.config import load_config
@@ -43,7 +47,9 @@ OFF = [
 ]
 DEFENCES: dict[str, list[str]] = {
     "none": OFF,
-    "default": [],
+    # the size bounds alone: count cap and adaptive norm bound (the defaults before rule: auto)
+    "bounds": ["federation.defense.rule=none"],
+    "default": [],  # the bounds + rule auto: multi-Krum (f = 1) in every group of >= 4 updates
     "median": [*OFF, "federation.defense.rule=median"],
     "median (B·A)": [*OFF, "federation.defense.rule=median", "federation.defense.space=product"],
     "trimmed_mean": [*OFF, "federation.defense.rule=trimmed_mean", "federation.defense.trim_fraction=0.25"],
@@ -54,8 +60,8 @@ DEFENCES: dict[str, list[str]] = {
         "federation.defense.krum_f=2",
         "federation.defense.space=product",
     ],
-    "default, krum_f=2": ["federation.defense.krum_f=2"],  # the default rule (auto) is multi-Krum
 }
+
 QUIET = ["baselines.zero_shot=false", "baselines.centralized=false"]
 ISSUE_ATTACK = [
     "adversary.clients=1",
@@ -122,23 +128,61 @@ def _vqa(row: dict) -> str:
     return _fmt(row["vqa"])
 
 
+def _init_worker(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def _run_cells(args, cells: list[tuple[dict, Path, list[str]]]) -> list[dict]:
+    """Run ``(row, out, overrides)`` cells, ``--jobs`` at a time; rows come back in the given order.
+
+    With ``--jobs N`` each worker process runs torch on ``--threads`` threads (default: the cores
+    / N), so N cells never oversubscribe the machine. Accuracy figures can differ in the last bits
+    between thread counts (reduction order); a table should be taken at one setting.
+    """
+    jobs = max(1, args.jobs)
+    threads = args.threads or max(1, (os.cpu_count() or 1) // jobs)
+    done: list[dict | None] = [None] * len(cells)
+
+    def report(i: int, res: dict) -> None:
+        done[i] = {**cells[i][0], **res}
+        name = cells[i][1].name
+        print(f"{name}: VQA {_vqa(res)}, attack success {_fmt(res['attack_success'])}", flush=True)
+
+    if jobs == 1 and args.threads is None:
+        for i, (_, out, ov) in enumerate(cells):
+            report(i, run_cell(args.config, out, ov))
+    else:
+        ctx = multiprocessing.get_context("spawn")
+        # a fresh process a cell (max_tasks_per_child=1): nothing one run caches leaks into the next
+        pool = ProcessPoolExecutor(
+            jobs, mp_context=ctx, initializer=_init_worker, initargs=(threads,), max_tasks_per_child=1
+        )
+        with pool as ex:
+            futures = {ex.submit(run_cell, args.config, out, ov): i for i, (_, out, ov) in enumerate(cells)}
+            for fut in as_completed(futures):
+                report(futures[fut], fut.result())
+    return [r for r in done if r is not None]
+
+
 def part_attacks(args) -> tuple[list[dict], str]:
-    rows = []
     base = [*QUIET, f"federation.clients={args.clients}", *args.set]
-    for defence in args.defences:
-        for m in args.malicious:
+    cells = []
+    # attacker count outermost, so a partial run covers every defence at the first counts
+    for m in args.malicious:
+        for defence in args.defences:
             kinds = ["backdoor"] if m == 0 else args.kinds  # no attacker: one clean run per defence
             for kind in kinds:
                 adv = [f"adversary.clients={m}", f"adversary.kind={kind}"]
                 if kind in STRENGTH:
                     adv.append(f"adversary.strength={STRENGTH[kind]}")
                 name = f"{defence}-{kind if m else 'clean'}-m{m}".replace(" ", "_").replace("·", "")
-                res = run_cell(args.config, args.out / name, [*base, *DEFENCES[defence], *adv])
-                rows.append({"defence": defence, "kind": kind if m else "(none)", "malicious": m, **res})
-                print(
-                    f"{name}: VQA {_vqa(res)}, attack success {_fmt(res['attack_success'])}",
-                    flush=True,
-                )
+                row = {"defence": defence, "kind": kind if m else "(none)", "malicious": m}
+                cells.append((row, args.out / name, [*base, *DEFENCES[defence], *adv]))
+    rows = _run_cells(args, cells)
+    order = list(DEFENCES)
+    rows.sort(key=lambda r: (order.index(r["defence"]), r["malicious"]))  # stable: kinds keep their order
     lines = [
         f"| defence | attack | malicious of {args.clients} | federated VQA (%) | backdoor success (%) | "
         "attackers flagged |",
@@ -213,6 +257,8 @@ def main() -> None:
     ap.add_argument("--rate", type=float, default=0.25, help="privacy: Poisson sample rate q")
     ap.add_argument("--noise", type=float, nargs="+", default=[0.3, 0.6, 1.0, 2.0])
     ap.add_argument("--clip", type=float, default=0.05, help="privacy: C, the clip norm of a client delta")
+    ap.add_argument("--jobs", type=int, default=1, help="attacks: cells run at once, each in its own process")
+    ap.add_argument("--threads", type=int, default=None, help="attacks: torch threads a cell (cores/jobs)")
     ap.add_argument("--keep-geneval", action="store_true", help="defaults: keep GenEval on")
     ap.add_argument("--set", action="append", default=[], help="an override for every cell")
     args = ap.parse_args()

@@ -323,8 +323,11 @@ class Blip3oFamily(ModelFamily):
     def vqa_answer(self, samples: Sequence[Any]) -> list[str]:
         """Greedy short answers, decoded without special tokens."""
         batch = self.vqa_batch(samples, with_answers=False)
+        # max_length, not max_new_tokens: transformers fills in its default max_length (20) before
+        # it checks for a clash, so max_new_tokens logs "both ... have been set" on every batch; the
+        # two are the same bound here (the prompt length + the answer tokens)
         config = GenerationConfig(
-            max_new_tokens=self.max_answer_tokens,
+            max_length=batch["input_ids"].shape[1] + self.max_answer_tokens,
             do_sample=False,
             pad_token_id=self.tokenizer.pad_token_id,
             eos_token_id=self.tokenizer.eos_token_id,
