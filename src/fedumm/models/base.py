@@ -20,6 +20,7 @@ import contextlib
 import importlib
 import json
 import re
+import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -236,7 +237,10 @@ def attach_lora(
         trainable_token_indices=trainable_tokens or None,
         modules_to_save=list(modules_to_save) or None,
     )
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+        # peft reads transformers' deprecated is_gradient_checkpointing: a FutureWarning per run
+        # that the user can do nothing about
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         torch.manual_seed(seed)  # the initial A matrices are the same on every client and server
         peft_model = get_peft_model(model, config)
     return peft_model
