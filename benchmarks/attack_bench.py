@@ -71,11 +71,41 @@ ISSUE_ATTACK = [
 ]
 
 
-def run_cell(config: Path, out: Path, overrides: Sequence[str]) -> dict:
-    """One run (or the finished one already in ``out``); returns the figures the tables need."""
+FAILURE_FILE = "bench_failure.json"  # a cell whose run failed: why, so that a resume does not rerun it
+
+
+def _no_figures(overrides: Sequence[str], **why) -> dict:
+    return {
+        "vqa": None,
+        "attack_success": None,
+        "epsilon": None,
+        "noise_multiplier": None,
+        "adversarial": [],
+        "defence_events": None,
+        "flagged_attackers": [],
+        **why,
+        "overrides": list(overrides),
+    }
+
+
+def run_cell(config: Path, out: Path, overrides: Sequence[str], *, run: bool = True) -> dict:
+    """One run (or the finished one already in ``out``); returns the figures the tables need.
+
+    A run that failed (the federation broke down: e.g. every update non-finite) is a result too: its
+    error is kept in ``out/bench_failure.json`` beside the run's own failed summary, and read back
+    instead of rerunning the same overrides. ``run=False`` only reads: an unfinished cell comes back
+    with ``pending`` set.
+    """
     summary = RunDir(out).read_summary() if (out / "summary.json").is_file() else None
+    failure = out / FAILURE_FILE
+    if summary is not None and summary.status == "failed" and failure.is_file():
+        kept = json.loads(failure.read_text(encoding="utf-8"))
+        if kept.get("overrides") == list(overrides):
+            return kept
     t0 = time.perf_counter()
     if summary is None or not summary.finished:
+        if not run:
+            return _no_figures(overrides, pending=True)
         if (out / "metrics.jsonl").exists():
             import shutil
 
@@ -83,18 +113,12 @@ def run_cell(config: Path, out: Path, overrides: Sequence[str]) -> dict:
         try:
             summary = run_experiment(load_config(config, list(overrides)), out)
         except EngineError as exc:  # e.g. every update non-finite: the federation broke down
-            return {
-                "vqa": None,
-                "attack_success": None,
-                "epsilon": None,
-                "noise_multiplier": None,
-                "adversarial": [],
-                "defence_events": None,
-                "flagged_attackers": [],
-                "failed": str(exc),
-                "wall_s": round(time.perf_counter() - t0, 1),
-                "overrides": list(overrides),
-            }
+            res = _no_figures(overrides, failed=str(exc), wall_s=round(time.perf_counter() - t0, 1))
+            if (out / "summary.json").is_file():
+                tmp = failure.with_suffix(".tmp")
+                tmp.write_text(json.dumps(res, indent=1), encoding="utf-8")
+                os.replace(tmp, failure)
+            return res
     fed = summary.federated
     rounds = RunDir(out).read_rounds()
     events = [e for r in rounds for e in r.get("defense", [])]
@@ -123,6 +147,8 @@ def _fmt(x, digits: int = 2) -> str:
 
 def _vqa(row: dict) -> str:
     """The federated VQA of a cell, or why the run produced none."""
+    if row.get("pending"):
+        return "*pending*"
     if row.get("failed"):
         return f"run failed: {row['failed']}"
     return _fmt(row["vqa"])
@@ -150,7 +176,10 @@ def _run_cells(args, cells: list[tuple[dict, Path, list[str]]]) -> list[dict]:
         name = cells[i][1].name
         print(f"{name}: VQA {_vqa(res)}, attack success {_fmt(res['attack_success'])}", flush=True)
 
-    if jobs == 1 and args.threads is None:
+    if args.table_only:  # read what has finished; run nothing
+        for i, (_, out, ov) in enumerate(cells):
+            done[i] = {**cells[i][0], **run_cell(args.config, out, ov, run=False)}
+    elif jobs == 1 and args.threads is None:
         for i, (_, out, ov) in enumerate(cells):
             report(i, run_cell(args.config, out, ov))
     else:
@@ -259,6 +288,7 @@ def main() -> None:
     ap.add_argument("--clip", type=float, default=0.05, help="privacy: C, the clip norm of a client delta")
     ap.add_argument("--jobs", type=int, default=1, help="attacks: cells run at once, each in its own process")
     ap.add_argument("--threads", type=int, default=None, help="attacks: torch threads a cell (cores/jobs)")
+    ap.add_argument("--table-only", action="store_true", help="attacks: tabulate finished cells, run none")
     ap.add_argument("--keep-geneval", action="store_true", help="defaults: keep GenEval on")
     ap.add_argument("--set", action="append", default=[], help="an override for every cell")
     args = ap.parse_args()
