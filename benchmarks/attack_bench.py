@@ -223,7 +223,50 @@ def part_attacks(args) -> tuple[list[dict], str]:
         lines.append(
             f"| {r['defence']} | {r['kind']} | {r['malicious']} | {_vqa(r)} | {success} | {flagged} |"
         )
-    return rows, "\n".join(lines)
+    return rows, pivot(rows, args.clients) + "\n\n" + "\n".join(lines)
+
+
+def _short(row: dict | None) -> str:
+    """A pivot cell: the VQA and how many attackers the defences flagged, or why there is none."""
+    if row is None:
+        return ""
+    if row.get("pending"):
+        return "pending"
+    if row.get("failed"):
+        return "failed"
+    vqa = _fmt(row["vqa"])
+    m = row["malicious"]
+    return f"{vqa} [{len(row['flagged_attackers'])}/{m}]" if m else vqa
+
+
+def pivot(rows: Sequence[dict], clients: int) -> str:
+    """Per attacker count: a defence a row, the clean run and each attack kind a column (federated
+    VQA, with [flagged/malicious]); the last column is the backdoor's success, clean -> attacked."""
+    at = {(r["defence"], r["malicious"], r["kind"]): r for r in rows}
+    defences = list(dict.fromkeys(r["defence"] for r in rows))
+    counts = sorted({r["malicious"] for r in rows if r["malicious"]})
+    kinds = [k for k in KINDS if any(r["kind"] == k for r in rows)]
+    out = []
+    for m in counts:
+        out += [
+            f"Federated test VQA (%), {m} of {clients} clients malicious; [n/{m}]: attackers the "
+            "defences flagged (clipped, down-weighted or excluded in some round)",
+            "",
+            "| defence | clean | " + " | ".join(kinds) + " | backdoor success, clean -> attacked (%) |",
+            "|---|" + "---:|" * (len(kinds) + 2),
+        ]
+        for d in defences:
+            clean = at.get((d, 0, "(none)"))
+            cells = [_short(at.get((d, m, k))) for k in kinds]
+            bd = at.get((d, m, "backdoor"))
+            success = (
+                f"{_fmt(clean['attack_success'] if clean else None)} -> {_fmt(bd['attack_success'])}"
+                if bd is not None and not bd.get("pending") and not bd.get("failed")
+                else ""
+            )
+            out.append(f"| {d} | {_short(clean)} | " + " | ".join(cells) + f" | {success} |")
+        out.append("")
+    return "\n".join(out).rstrip()
 
 
 def part_privacy(args) -> tuple[list[dict], str]:

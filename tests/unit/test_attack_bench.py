@@ -68,3 +68,35 @@ def test_read_only_reports_unfinished_cells_as_pending(bench, tmp_path):
     bench.run_cell(Path("c.yaml"), out, ["fine"])
     done = bench.run_cell(Path("c.yaml"), out, ["fine"], run=False)
     assert done["vqa"] == 51.5 and len(bench.calls) == 1
+
+
+def test_pivot_puts_each_cell_under_its_defence_and_attack(bench):
+    def row(defence, m, kind, vqa, success=None, flagged=(), **extra):
+        return {
+            "defence": defence,
+            "malicious": m,
+            "kind": kind,
+            "vqa": vqa,
+            "attack_success": success,
+            "flagged_attackers": list(flagged),
+            **extra,
+        }
+
+    rows = [
+        row("none", 0, "(none)", 50.69, 0.28),
+        row("none", 1, "scale", 0.28),
+        row("none", 1, "backdoor", 51.53, 1.13),
+        row("default", 0, "(none)", 52.61, 1.41),
+        row("default", 1, "scale", 55.78, flagged=["site-03"]),
+        row("default", 1, "backdoor", None, pending=True),
+        row("none", 2, "scale", None, failed="round 5: only 0 valid client update(s)"),
+    ]
+    lines = bench.pivot(rows, 8).splitlines()
+    one = lines.index(next(x for x in lines if x.startswith("Federated test VQA (%), 1 of 8")))
+    two = lines.index(next(x for x in lines if x.startswith("Federated test VQA (%), 2 of 8")))
+    header = "| defence | clean | scale | backdoor | backdoor success, clean -> attacked (%) |"
+    assert lines[one + 2] == header
+    assert lines[one + 4] == "| none | 50.69 | 0.28 [0/1] | 51.53 [0/1] | 0.28 -> 1.13 |"
+    assert lines[one + 5] == "| default | 52.61 | 55.78 [1/1] | pending |  |"
+    assert lines[two + 4] == "| none | 50.69 | failed |  |  |"
+    assert lines[two + 5] == "| default | 52.61 |  |  |  |"  # a cell not in the rows at all: blank
