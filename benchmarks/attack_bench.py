@@ -188,8 +188,15 @@ def _run_cells(args, cells: list[tuple[dict, Path, list[str]]]) -> list[dict]:
         pool = ProcessPoolExecutor(
             jobs, mp_context=ctx, initializer=_init_worker, initargs=(threads,), max_tasks_per_child=1
         )
+        todo = []
+        for i, (_, out, ov) in enumerate(cells):  # finished cells are read here, not in a new process
+            res = run_cell(args.config, out, ov, run=False)
+            if res.get("pending"):
+                todo.append(i)
+            else:
+                report(i, res)
         with pool as ex:
-            futures = {ex.submit(run_cell, args.config, out, ov): i for i, (_, out, ov) in enumerate(cells)}
+            futures = {ex.submit(run_cell, args.config, cells[i][1], cells[i][2]): i for i in todo}
             for fut in as_completed(futures):
                 report(futures[fut], fut.result())
     return [r for r in done if r is not None]
