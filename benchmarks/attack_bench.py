@@ -35,6 +35,7 @@ from pathlib import Path
 from fedumm.config import load_config
 from fedumm.errors import EngineError
 from fedumm.experiment import run_experiment
+from fedumm.io import atomic_write_json
 from fedumm.server.run_dir import RunDir
 
 KINDS = ("sign_flip", "scale", "gaussian", "free_rider", "label_flip", "backdoor")
@@ -115,9 +116,7 @@ def run_cell(config: Path, out: Path, overrides: Sequence[str], *, run: bool = T
         except EngineError as exc:  # e.g. every update non-finite: the federation broke down
             res = _no_figures(overrides, failed=str(exc), wall_s=round(time.perf_counter() - t0, 1))
             if (out / "summary.json").is_file():
-                tmp = failure.with_suffix(".tmp")
-                tmp.write_text(json.dumps(res, indent=1), encoding="utf-8")
-                os.replace(tmp, failure)
+                atomic_write_json(failure, res)
             return res
     fed = summary.federated
     rounds = RunDir(out).read_rounds()
