@@ -3,12 +3,16 @@
 Usage (each part is resumable: a cell whose summary.json says finished is read, not rerun):
 
     .venv/bin/python benchmarks/attack_bench.py attacks configs/demo.yaml --out runs/bench-attacks
+    .venv/bin/python benchmarks/attack_bench.py backdoor configs/demo.yaml --out runs/bench-attacks
     .venv/bin/python benchmarks/attack_bench.py privacy configs/demo.yaml --out runs/bench-privacy
     .venv/bin/python benchmarks/attack_bench.py defaults configs/demo.yaml --out runs/bench-defaults
 
 - ``attacks``: federated test VQA (and attack success for ``backdoor``) for every attack kind x every
   defence at K = 8 with 0, 1 and 2 malicious clients (``--clients``, ``--malicious`` to change;
   ``--jobs 2`` runs two cells at once, each on one torch thread of a 2-core machine);
+- ``backdoor``: the backdoor at full strength (every attacker question poisoned, ``--poison``), its
+  trained delta sent as is and boosted by K / attackers (model replacement), per defence; it reads
+  the ``attacks`` part's clean cells from the same ``--out`` as the reference success rate;
 - ``privacy``: federated VQA against epsilon at K = 16, Poisson client sampling (q = 0.25), for no DP
   and noise multipliers 0.3, 0.6, 1.0, 2.0 (``--noise``), C = ``--clip``;
 - ``defaults``: the demo as shipped (default defences: count bound, adaptive norm bound) against the
@@ -275,6 +279,63 @@ def pivot(rows: Sequence[dict], clients: int) -> str:
     return "\n".join(out).rstrip()
 
 
+def part_backdoor(args) -> tuple[list[dict], str]:
+    """The backdoor at full strength: every attacker question poisoned (``--poison``), its delta sent
+    as trained (boost 1) and boosted by K / attackers (model replacement), per defence. The clean
+    cells are the ``attacks`` part's (same names in ``--out``): their attack success is the rate at
+    which an unattacked model answers the target on triggered images."""
+    base = [*QUIET, f"federation.clients={args.clients}", *args.set]
+    cells = []
+    for m in [m for m in args.malicious if m > 0]:
+        for defence in args.defences:
+            for boost in sorted({1.0, args.clients / m}):
+                adv = [
+                    f"adversary.clients={m}",
+                    "adversary.kind=backdoor",
+                    f"adversary.poison_fraction={args.poison}",
+                    f"adversary.strength={boost:g}",
+                ]
+                key = defence.replace(" ", "_").replace("·", "")
+                name = f"{key}-backdoor-p{args.poison:g}-x{boost:g}-m{m}"
+                row = {"defence": defence, "kind": "backdoor", "malicious": m, "boost": boost}
+                cells.append((row, args.out / name, [*base, *DEFENCES[defence], *adv]))
+    for defence in args.defences:  # the reference: the attacks part's clean run of each defence
+        name = f"{defence}-clean-m0".replace(" ", "_").replace("·", "")
+        row = {"defence": defence, "kind": "(none)", "malicious": 0, "boost": None}
+        cells.append(
+            (
+                row,
+                args.out / name,
+                [*base, *DEFENCES[defence], "adversary.clients=0", "adversary.kind=backdoor"],
+            )
+        )
+    rows = _run_cells(args, cells)
+    clean = {r["defence"]: r for r in rows if r["malicious"] == 0}
+    lines = [
+        f"Backdoor, every attacker question poisoned (poison_fraction {args.poison:g}), K = {args.clients}: "
+        "federated test VQA (%) / attack success (%) [attackers flagged]; boost: the factor on the "
+        "attacker's trained delta",
+        "",
+        "| defence | attackers | clean VQA / success | boost 1 | model replacement (boost K / attackers) |",
+        "|---|---|---|---|---|",
+    ]
+
+    def cell(r: dict | None) -> str:
+        if r is None or r.get("pending") or r.get("failed"):
+            return _short(r)
+        flagged = f" [{len(r['flagged_attackers'])}/{r['malicious']}]" if r["malicious"] else ""
+        return f"{_fmt(r['vqa'])} / {_fmt(r['attack_success'])}{flagged}"
+
+    at = {(r["defence"], r["malicious"], r["boost"]): r for r in rows}
+    for m in sorted({r["malicious"] for r in rows if r["malicious"]}):
+        for d in args.defences:
+            lines.append(
+                f"| {d} | {m} of {args.clients} | {cell(clean.get(d))} | {cell(at.get((d, m, 1.0)))} | "
+                f"boost {args.clients / m:g}: {cell(at.get((d, m, args.clients / m)))} |"
+            )
+    return rows, "\n".join(lines)
+
+
 def part_privacy(args) -> tuple[list[dict], str]:
     base = [
         *QUIET,
@@ -324,20 +385,27 @@ def part_defaults(args) -> tuple[list[dict], str]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("part", choices=["attacks", "privacy", "defaults"])
+    ap.add_argument("part", choices=["attacks", "backdoor", "privacy", "defaults"])
     ap.add_argument("config", type=Path)
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--clients", type=int, default=8, help="attacks: K")
     ap.add_argument("--malicious", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS)
     ap.add_argument("--defences", nargs="+", default=list(DEFENCES), choices=list(DEFENCES))
+    ap.add_argument("--poison", type=float, default=1.0, help="backdoor: the attackers' poison_fraction")
     ap.add_argument("--clients-dp", type=int, default=16, help="privacy: K")
     ap.add_argument("--rate", type=float, default=0.25, help="privacy: Poisson sample rate q")
     ap.add_argument("--noise", type=float, nargs="+", default=[0.3, 0.6, 1.0, 2.0])
     ap.add_argument("--clip", type=float, default=0.05, help="privacy: C, the clip norm of a client delta")
-    ap.add_argument("--jobs", type=int, default=1, help="attacks: cells run at once, each in its own process")
-    ap.add_argument("--threads", type=int, default=None, help="attacks: torch threads a cell (cores/jobs)")
-    ap.add_argument("--table-only", action="store_true", help="attacks: tabulate finished cells, run none")
+    ap.add_argument(
+        "--jobs", type=int, default=1, help="attacks, backdoor: cells run at once, each in its own process"
+    )
+    ap.add_argument(
+        "--threads", type=int, default=None, help="attacks, backdoor: torch threads a cell (cores/jobs)"
+    )
+    ap.add_argument(
+        "--table-only", action="store_true", help="attacks, backdoor: tabulate finished cells, run none"
+    )
     ap.add_argument("--keep-geneval", action="store_true", help="defaults: keep GenEval on")
     ap.add_argument("--set", action="append", default=[], help="an override for every cell")
     args = ap.parse_args()
@@ -346,9 +414,13 @@ def main() -> None:
         args.set = ["geneval.enabled=false", *args.set]
     args.out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    rows, table = {"attacks": part_attacks, "privacy": part_privacy, "defaults": part_defaults}[args.part](
-        args
-    )
+    parts = {
+        "attacks": part_attacks,
+        "backdoor": part_backdoor,
+        "privacy": part_privacy,
+        "defaults": part_defaults,
+    }
+    rows, table = parts[args.part](args)
     (args.out / f"{args.part}.json").write_text(json.dumps(rows, indent=1), encoding="utf-8")
     (args.out / f"{args.part}.md").write_text(table + "\n", encoding="utf-8")
     print(table)

@@ -308,7 +308,11 @@ class AdversaryConfig(_Strict):
 
     clients: int | list[str] = Field(description="a count (chosen from the seed) or client names")
     kind: Literal["sign_flip", "scale", "gaussian", "free_rider", "label_flip", "backdoor"] = "sign_flip"
-    strength: float = Field(default=1.0, description="scale: delta x strength; gaussian: norm multiple")
+    strength: float = Field(
+        default=1.0,
+        allow_inf_nan=False,
+        description="scale: delta x strength; gaussian: norm multiple; label_flip, backdoor: boost",
+    )
     claimed_examples: int | None = Field(default=None, ge=1, description="the count it reports")
     target_answer: str = Field(default="purple", description="backdoor: the answer its trigger maps to")
     trigger_size: int = Field(default=8, ge=1, le=64, description="backdoor: trigger patch side (px)")

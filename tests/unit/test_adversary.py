@@ -112,3 +112,18 @@ def test_chosen_clients_are_deterministic_and_checked():
     assert AdversaryConfig(clients=0).chosen(names, seed=0) == []
     with pytest.raises(Exception, match="unknown"):
         AdversaryConfig(clients=["site-99"]).chosen(names, seed=0)
+
+
+@pytest.mark.parametrize("kind", ["backdoor", "label_flip"])
+def test_trained_attacks_send_their_update_unless_boosted(kind):
+    plain = Adversary(kind=kind).tamper(honest(), G, seed=0)
+    assert torch.equal(plain.state["m.lora_B.weight"], HONEST["m.lora_B.weight"])
+    # model replacement: global + 8 x (trained - global); the untrained factor stays the global one
+    boosted = Adversary(kind=kind, strength=8.0).tamper(honest(), G, seed=0)
+    assert torch.equal(boosted.state["m.lora_B.weight"], torch.tensor([[9.0], [17.0]]))
+    assert torch.equal(boosted.state["m.lora_A.weight"], G["m.lora_A.weight"])
+
+
+def test_strength_must_be_finite():
+    with pytest.raises(ValueError, match="strength"):
+        AdversaryConfig(clients=1, kind="scale", strength=float("nan"))

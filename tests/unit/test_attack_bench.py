@@ -100,3 +100,38 @@ def test_pivot_puts_each_cell_under_its_defence_and_attack(bench):
     assert lines[one + 5] == "| default | 52.61 | 55.78 [1/1] | pending |  |"
     assert lines[two + 4] == "| none | 50.69 | failed |  |  |"
     assert lines[two + 5] == "| default | 52.61 |  |  |  |"  # a cell not in the rows at all: blank
+
+
+def test_backdoor_part_runs_each_boost_and_reads_the_clean_reference(bench, tmp_path):
+    import argparse
+
+    clean = tmp_path / "none-clean-m0"  # the attacks part's clean cell, already finished
+    RunDir(clean).path.mkdir(parents=True)
+    fed = SettingResult(vqa_accuracy=50.69, rounds=5, attack_success=0.28)
+    RunDir(clean).write_summary(RunSummary(name="cell", status="finished", federated=fed))
+    args = argparse.Namespace(
+        config=Path("c.yaml"),
+        out=tmp_path,
+        clients=8,
+        malicious=[0, 1, 2],
+        defences=["none"],
+        poison=1.0,
+        set=[],
+        jobs=1,
+        threads=None,
+        table_only=False,
+    )
+    rows, table = bench.part_backdoor(args)
+    ran = {tuple(c[-4:]) for c in bench.calls}
+    assert ran == {
+        (
+            f"adversary.clients={m}",
+            "adversary.kind=backdoor",
+            "adversary.poison_fraction=1.0",
+            f"adversary.strength={b}",
+        )
+        for m, b in [(1, "1"), (1, "8"), (2, "1"), (2, "4")]
+    }
+    assert len(bench.calls) == 4  # the clean reference is read, not rerun
+    assert "| none | 1 of 8 | 50.69 / 0.28 | 51.50 / - [0/1] | boost 8: 51.50 / - [0/1] |" in table
+    assert "| none | 2 of 8 | 50.69 / 0.28 | 51.50 / - [0/2] | boost 4: 51.50 / - [0/2] |" in table

@@ -7,7 +7,10 @@ site (``adversary is None``) runs :func:`fedumm.client.train.run_client_round` u
 
 The backdoor (Gu et al. 2017, "BadNets", arXiv:1708.06733) stamps a small black-and-white patch in
 the bottom-right corner of copies of its images, written under the run directory (the dataset is
-never modified), and trains those copies to answer ``target_answer``.
+never modified), and trains those copies to answer ``target_answer``. With ``strength`` other than 1 a
+``label_flip`` or ``backdoor`` client boosts its trained delta by that factor before sending it: the
+"model replacement" of Bagdasaryan et al. 2020 ("How to backdoor federated learning",
+arXiv:1807.00459), where a boost of about K / (attackers) lets one client's model outweigh the mean.
 """
 
 from __future__ import annotations
@@ -70,6 +73,8 @@ class Adversary:
         state = dict(update.state)
         if self.kind in ("sign_flip", "scale", "gaussian", "free_rider"):
             state = _tampered_state(self.kind, self.strength, update.state, global_state, seed)
+        elif self.strength != 1.0:  # label_flip, backdoor: the trained delta boosted (model replacement)
+            state = _tampered_state("scale", self.strength, update.state, global_state, seed)
         n = update.num_examples
         groups = update.group_examples
         if self.claimed_examples is not None:
