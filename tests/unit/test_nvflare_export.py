@@ -91,6 +91,33 @@ def test_exported_job_folder(tmp_path):
     assert derived["byoc"] is True  # custom/ code: passes site allow-lists for the fedumm controller
 
 
+def test_the_server_tells_clients_the_configured_poll_interval(tmp_path):
+    """FLARE's own server configurator reads nvflare.task_poll_s as its task_request_interval (the
+    wait it sends a client with every task and every try-again)."""
+    import argparse
+    import shutil
+
+    from nvflare.apis.workspace import Workspace
+    from nvflare.private.fed.server.server_json_config import ServerJsonConfigurator
+
+    for poll, expected in ((None, 0.5), (0.25, 0.25)):
+        extra = {"nvflare": {"round_timeout_s": 90, **({"task_poll_s": poll} if poll else {})}}
+        job = export_job(_cfg(tmp_path, **extra), tmp_path / "out", initial_state=STATE)
+        ws = tmp_path / f"ws-{expected}"
+        app = ws / "job" / "app_server"
+        shutil.copytree(job / "app", app)
+        (ws / "startup").mkdir()
+        (ws / "local").mkdir()
+        conf = ServerJsonConfigurator(
+            workspace_obj=Workspace(str(ws), "server"),
+            config_file_name=str(app / "config" / "config_fed_server.json"),
+            args=argparse.Namespace(job_id="job", workspace=str(ws)),
+            app_root=str(app),
+        )
+        conf.configure()
+        assert conf.runner_config.task_request_interval == expected
+
+
 def test_exported_in_process_trainer_is_found_by_name(tmp_path):
     cfg = _cfg(tmp_path, nvflare={"launch_external_process": False})
     job = export_job(cfg, tmp_path / "out", initial_state=STATE)

@@ -128,6 +128,9 @@ def build_job(
             packed=relay and not he,
         )
         job.to_server(controller, id=CONTROLLER_ID)
+        # a client that has sent its result, or is told to try again, waits this long before asking
+        # for the next round's task; FLARE's 2 s default delays every round's start by up to that
+        job.to_server({"server": {"task_request_interval": cfg.nvflare.task_poll_s}})
         for f in server_files:
             job.add_file_to_server(str(staging / f))
         job.add_file_to_clients(str(staging / CONFIG_NAME))
