@@ -268,12 +268,12 @@ class NvflareConfig(_Strict):
         default=None, ge=1, description="torch threads of each site process; null = the cores / the sites"
     )
     task_poll_s: float = Field(
-        default=0.5,
+        default=2.0,
         gt=0,
         le=60,
         allow_inf_nan=False,
         description="how long a FLARE client waits after a result, or when the server has no task yet, "
-        "before it asks again (FLARE's server.task_request_interval; FLARE's own default is 2)",
+        "before it asks again (FLARE's server.task_request_interval, whose default this is)",
     )
     quiet: bool = Field(default=True, description="only warnings from FLARE on the console")
 

@@ -129,7 +129,7 @@ def build_job(
         )
         job.to_server(controller, id=CONTROLLER_ID)
         # a client that has sent its result, or is told to try again, waits this long before asking
-        # for the next round's task; FLARE's 2 s default delays every round's start by up to that
+        # for the next round's task (FLARE's 2 s by default; 0.5 s measured no faster at K = 16)
         job.to_server({"server": {"task_request_interval": cfg.nvflare.task_poll_s}})
         for f in server_files:
             job.add_file_to_server(str(staging / f))
