@@ -205,20 +205,35 @@ def _run_cells(args, cells: list[tuple[dict, Path, list[str]]]) -> list[dict]:
     return [r for r in done if r is not None]
 
 
+def _cell_dir(out: Path, defence: str, rest: str) -> Path:
+    """A cell's run directory: the defence's name made path-safe, then what the cell runs."""
+    return out / f"{defence.replace(' ', '_').replace('·', '')}-{rest}"
+
+
+def _clean_cell(args, base: list[str], defence: str) -> tuple[dict, Path, list[str]]:
+    """The defence's run without an attacker (the backdoor's trigger is still tested on it, as the
+    rate at which an unattacked model answers the target); shared by the attacks and backdoor parts."""
+    row = {"defence": defence, "kind": "(none)", "malicious": 0}
+    adv = ["adversary.clients=0", "adversary.kind=backdoor"]
+    return row, _cell_dir(args.out, defence, "clean-m0"), [*base, *DEFENCES[defence], *adv]
+
+
 def part_attacks(args) -> tuple[list[dict], str]:
     base = [*QUIET, f"federation.clients={args.clients}", *args.set]
     cells = []
     # attacker count outermost, so a partial run covers every defence at the first counts
     for m in args.malicious:
         for defence in args.defences:
-            kinds = ["backdoor"] if m == 0 else args.kinds  # no attacker: one clean run per defence
-            for kind in kinds:
+            if m == 0:  # no attacker: one clean run per defence
+                cells.append(_clean_cell(args, base, defence))
+                continue
+            for kind in args.kinds:
                 adv = [f"adversary.clients={m}", f"adversary.kind={kind}"]
                 if kind in STRENGTH:
                     adv.append(f"adversary.strength={STRENGTH[kind]}")
-                name = f"{defence}-{kind if m else 'clean'}-m{m}".replace(" ", "_").replace("·", "")
-                row = {"defence": defence, "kind": kind if m else "(none)", "malicious": m}
-                cells.append((row, args.out / name, [*base, *DEFENCES[defence], *adv]))
+                row = {"defence": defence, "kind": kind, "malicious": m}
+                out = _cell_dir(args.out, defence, f"{kind}-m{m}")
+                cells.append((row, out, [*base, *DEFENCES[defence], *adv]))
     rows = _run_cells(args, cells)
     order = list(DEFENCES)
     rows.sort(key=lambda r: (order.index(r["defence"]), r["malicious"]))  # stable: kinds keep their order
@@ -295,20 +310,11 @@ def part_backdoor(args) -> tuple[list[dict], str]:
                     f"adversary.poison_fraction={args.poison}",
                     f"adversary.strength={boost:g}",
                 ]
-                key = defence.replace(" ", "_").replace("·", "")
-                name = f"{key}-backdoor-p{args.poison:g}-x{boost:g}-m{m}"
                 row = {"defence": defence, "kind": "backdoor", "malicious": m, "boost": boost}
-                cells.append((row, args.out / name, [*base, *DEFENCES[defence], *adv]))
-    for defence in args.defences:  # the reference: the attacks part's clean run of each defence
-        name = f"{defence}-clean-m0".replace(" ", "_").replace("·", "")
-        row = {"defence": defence, "kind": "(none)", "malicious": 0, "boost": None}
-        cells.append(
-            (
-                row,
-                args.out / name,
-                [*base, *DEFENCES[defence], "adversary.clients=0", "adversary.kind=backdoor"],
-            )
-        )
+                out = _cell_dir(args.out, defence, f"backdoor-p{args.poison:g}-x{boost:g}-m{m}")
+                cells.append((row, out, [*base, *DEFENCES[defence], *adv]))
+    # the reference: the attacks part's clean run of each defence
+    cells += [_clean_cell(args, base, d) for d in args.defences]
     rows = _run_cells(args, cells)
     clean = {r["defence"]: r for r in rows if r["malicious"] == 0}
     lines = [
@@ -326,7 +332,7 @@ def part_backdoor(args) -> tuple[list[dict], str]:
         flagged = f" [{len(r['flagged_attackers'])}/{r['malicious']}]" if r["malicious"] else ""
         return f"{_fmt(r['vqa'])} / {_fmt(r['attack_success'])}{flagged}"
 
-    at = {(r["defence"], r["malicious"], r["boost"]): r for r in rows}
+    at = {(r["defence"], r["malicious"], r.get("boost")): r for r in rows}
     for m in sorted({r["malicious"] for r in rows if r["malicious"]}):
         for d in args.defences:
             lines.append(
