@@ -12,10 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from fedumm.config import Config, dump_config, format_validation_error, load_config, read_yaml_mapping
+from fedumm.config import Config, format_validation_error, load_config, read_yaml_mapping
 from fedumm.errors import ConfigError, DataError, FedummError
 from fedumm.experiment import resume_experiment, run_experiment
 from fedumm.fl.strategies import make_strategy
@@ -378,15 +377,40 @@ def _state(sweep: Sweep, cell: Cell, d: Path) -> str:
         return "new"
     cfg_path = d / "config.yaml"
     if cfg_path.is_file():
-        saved = yaml.safe_load(cfg_path.read_text(encoding="utf-8"))
-        if saved != yaml.safe_load(dump_config(cell.config)):
+        # Read back through today's schema: a knob added since the run was saved takes its default
+        # (knobs are added with defaults that keep the earlier behaviour), so a version upgrade does
+        # not orphan a sweep's finished cells; a changed value is still a different run.
+        try:
+            saved = load_config(cfg_path).model_dump(mode="json")
+        except ConfigError as exc:
             raise ConfigError(
-                f"{sweep.path}: cell {cell.name}: {d} holds a run with another config; "
-                "restore the sweep file or move that directory away"
+                f"{sweep.path}: cell {cell.name}: {cfg_path} cannot be read by this version ({exc}); "
+                "move that directory away to rerun the cell"
+            ) from None
+        differ = _differing_keys(saved, cell.config.model_dump(mode="json"))
+        if differ:
+            shown = ", ".join(differ[:5]) + (f" and {len(differ) - 5} more" if len(differ) > 5 else "")
+            raise ConfigError(
+                f"{sweep.path}: cell {cell.name}: {d} holds a run with another config ({shown} "
+                "differ); restore the sweep file or move that directory away"
             )
     if summary_path.is_file() and _read_summary(summary_path).finished:
         return "finished"
     return "resume"
+
+
+def _differing_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two config trees (a whole list counts as one value)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        out: list[str] = []
+        for k in sorted(set(a) | set(b), key=str):
+            key = f"{prefix}.{k}" if prefix else str(k)
+            if k not in a or k not in b:
+                out.append(key)
+            else:
+                out.extend(_differing_keys(a[k], b[k], key))
+        return out
+    return [] if a == b else [prefix or "<config>"]
 
 
 def _read_summary(path: Path) -> RunSummary:

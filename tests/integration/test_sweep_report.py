@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -226,8 +227,38 @@ def test_changed_config_is_refused_naming_the_cell(swept, tmp_path):
     raw["overrides"]["train.lr"] = 0.5
     changed = swept["root"] / "changed.yaml"
     changed.write_text(yaml.safe_dump(raw))
-    with pytest.raises(ConfigError, match="cell baselines-s0: .* holds a run with another config"):
+    with pytest.raises(
+        ConfigError, match=r"cell baselines-s0: .* holds a run with another config \(train.lr differ\)"
+    ):
         run_sweep(load_sweep(changed), swept["out"])
+
+
+def _edit_saved_configs(out: Path, edit) -> None:
+    for path in out.glob("*/config.yaml"):
+        tree = yaml.safe_load(path.read_text())
+        edit(tree)
+        path.write_text(yaml.safe_dump(tree, sort_keys=False))
+
+
+def test_cells_saved_before_a_knob_existed_stay_finished(swept, tmp_path, monkeypatch):
+    # a run saved by an earlier version lacks knobs added since (with defaults that keep the earlier
+    # behaviour): its cells are still finished, not "another config"
+    out = tmp_path / "out"
+    shutil.copytree(swept["out"], out)
+    _edit_saved_configs(out, lambda tree: tree["nvflare"].pop("task_poll_s"))
+
+    def never(*a, **k):
+        raise AssertionError("a finished cell ran again")
+
+    monkeypatch.setattr(sweep_mod, "run_experiment", never)
+    monkeypatch.setattr(sweep_mod, "resume_experiment", never)
+    again = run_sweep(swept["spec"], out)
+    assert again and all(r.skipped and r.status == "finished" for r in again)
+
+    # a saved knob this version does not know is one clear error naming the file
+    _edit_saved_configs(out, lambda tree: tree["train"].update(removed_knob=1))
+    with pytest.raises(ConfigError, match=r"config.yaml cannot be read by this version .*removed_knob"):
+        run_sweep(swept["spec"], out)
 
 
 def _md_table(md: str, after: str) -> list[list[str]]:
