@@ -287,7 +287,7 @@ class NvflareConfig(_Strict):
 # strategies that use client states only through their example-weighted mean (DP noise on the mean
 # passes through them unchanged); quality_weighted weighs by client-reported scores, product_space
 # averages products of individual factors
-DP_STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "ffa_lora")
+DP_STRATEGIES = ("fedavg", "fedavgm", "fedprox", "fedadam", "fedyogi", "ffa_lora")
 # strategies whose aggregate is a weighted sum of the client deltas, which CKKS can compute encrypted
 HE_STRATEGIES = ("fedavg", "fedprox")
 

@@ -102,7 +102,7 @@ def test_paper_defaults_one_step(name):
     assert float(g1["w"]) == pytest.approx(1e-2 * 0.002 / (math.sqrt(v1) + 1e-3), rel=1e-6)
 
 
-@pytest.mark.parametrize("name", ["fedadam", "fedyogi"])
+@pytest.mark.parametrize("name", ["fedadam", "fedyogi", "fedavgm"])
 def test_state_dict_round_trip_continues_identically(name):
     gen = torch.Generator().manual_seed(0)
     g0 = {A: torch.randn(2, 3, generator=gen), B: torch.randn(3, 2, generator=gen)}
@@ -155,6 +155,60 @@ def test_adaptive_fixed_point_when_clients_equal_global():
         global_state=g, updates=[upd("a", dict(g), 1), upd("b", dict(g), 2)]
     )
     assert torch.equal(out["w"], g["w"])
+
+
+# ---------------------------------------------------------------- FedAvgM
+
+
+def test_fedavgm_two_steps_hand_computed():
+    s = make_strategy("fedavgm", eta=0.5, beta=0.5)
+    g0 = {"w": t64(0.0, 0.0)}
+    # D1 = (1 * [-1, 1] + 3 * [1, -1]) / 4 = [0.5, -0.5] ; u1 = D1 ; x1 = 0.5 * u1 = [0.25, -0.25]
+    ups = [upd("a", {"w": t64(-1.0, 1.0)}, 1), upd("b", {"w": t64(1.0, -1.0)}, 3)]
+    g1 = s.aggregate(global_state=g0, updates=ups)
+    assert torch.equal(g1["w"], t64(0.25, -0.25))
+    assert torch.equal(s.state_dict()["momentum/w"], torch.tensor([0.5, -0.5]))
+    # round 2: the client stays at x1, D2 = 0 ; u2 = 0.5 * u1 = [0.25, -0.25] ; x2 = x1 + 0.5 * u2
+    g2 = s.aggregate(global_state=g1, updates=[upd("a", {"w": t64(0.25, -0.25)}, 2)])
+    assert torch.equal(g2["w"], t64(0.375, -0.375))  # momentum carries the server past the clients
+    assert s.step == 2 and int(s.state_dict()["step"]) == 2
+
+
+def test_fedavgm_without_momentum_at_unit_rate_is_fedavg():
+    gen = torch.Generator().manual_seed(0)
+    g = {A: torch.randn(64, 32, generator=gen), B: torch.randn(32, 64, generator=gen)}
+    ups = [
+        upd(f"c{i}", {k: v + 0.01 * torch.randn(v.shape, generator=gen) for k, v in g.items()}, i + 3)
+        for i in range(5)
+    ]
+    ref = make_strategy("fedavg").aggregate(global_state=g, updates=ups)
+    got = make_strategy("fedavgm", eta=1.0, beta=0.0).aggregate(global_state=g, updates=ups)
+    assert all(torch.equal(ref[k], got[k]) for k in ref)
+
+
+def test_fedavgm_defaults_keep_fedavgs_step_once_momentum_builds():
+    s = make_strategy("fedavgm")
+    assert (s.eta, s.beta) == (0.1, 0.9)
+    x = t64(0.0)
+    steps = []
+    for _ in range(60):  # every client one unit ahead of the global model, every round
+        new = s.aggregate(global_state={"w": x}, updates=[upd("a", {"w": x + 1.0}, 1)])["w"]
+        steps.append(float(new - x))
+        x = new
+    assert steps[0] == pytest.approx(0.1) and steps[1] == pytest.approx(0.19)
+    assert steps[-1] == pytest.approx(1.0, abs=1e-2)  # eta / (1 - beta)
+
+
+@pytest.mark.parametrize("bad", [{"eta": 0.0}, {"eta": -1.0}, {"beta": 1.0}, {"beta": -0.1}, {"eta": True}])
+def test_fedavgm_rejects_bad_hyperparameters(bad):
+    with pytest.raises(InvalidUpdate):
+        make_strategy("fedavgm", **bad)
+
+
+def test_fedavgm_rejects_foreign_server_state():
+    s = make_strategy("fedavgm")
+    with pytest.raises(ValueError, match="unexpected server state key 'm/w'"):
+        s.load_state_dict({"m/w": torch.zeros(1)})  # FedAdam's state
 
 
 # ---------------------------------------------------------------- FFA-LoRA

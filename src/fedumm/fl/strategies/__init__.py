@@ -5,6 +5,7 @@ from collections.abc import Mapping
 from fedumm.fl.strategies import (  # noqa: F401  (registration)
     fedadam,
     fedavg,
+    fedavgm,
     fedprox,
     fedyogi,
     ffa_lora,
