@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 import fedumm.sweep as sweep_mod
+from fedumm.config import dump_config
 from fedumm.errors import ConfigError, DataError
 from fedumm.progress import NullProgress
 from fedumm.report import collect, write_report
@@ -526,7 +527,7 @@ def test_only_runs_the_matching_cells_and_their_baselines_and_a_later_run_contin
         Path(out_dir).mkdir(parents=True)
         summary = RunSummary(name=cfg.name, status="finished", wall_time_s=1.0)
         (Path(out_dir) / "summary.json").write_text(json.dumps(summary.to_json()))
-        (Path(out_dir) / "config.yaml").write_text(sweep_mod.dump_config(cfg))
+        (Path(out_dir) / "config.yaml").write_text(dump_config(cfg))
         return summary
 
     monkeypatch.setattr(sweep_mod, "run_experiment", fake_run)
