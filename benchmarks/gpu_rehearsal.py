@@ -275,6 +275,7 @@ def run_round(
         "bytes_down": dict(rec.bytes_down),
         "train_loss_mean": sum(losses) / len(losses),
         "defense_events": len(rec.defense),
+        "defense": [e.to_json() for e in rec.defense],
         "final_adapter_finite": all(bool(torch.isfinite(t).all()) for t in final.values()),
         **peak,
     }
