@@ -303,6 +303,29 @@ def report(
         out_console.print(f"updated {update}")
 
 
+@app.command()
+def archive(
+    sweep_dir: Annotated[Path, typer.Argument(help="sweep directory (sweep.json and one run per cell)")],
+    out: Annotated[Path, typer.Option("--out", help="archive directory (merged with an archive there)")],
+) -> None:
+    """Copy a sweep's finished results without checkpoints: enough for `fedumm report` and a resume."""
+    _setup_logging(False)
+    from fedumm.archive import archive_sweep
+
+    try:
+        res = archive_sweep(sweep_dir, out)
+    except FedummError as exc:
+        _fail(exc)
+    out_console.print(
+        f"archived {len(res.copied)} finished cell(s) into {res.out} ({res.bytes_written / 1e6:.2f} MB); "
+        f"{len(res.kept)} archived earlier kept, {len(res.left)} not finished"
+    )
+    out_console.print(f"report: fedumm report {res.out} --out REPORT_DIR")
+    out_console.print(
+        f"resume elsewhere: cp -r {res.out} SWEEP_DIR && fedumm sweep SWEEP.yaml --out SWEEP_DIR"
+    )
+
+
 @data_app.command("synth")
 def data_synth(
     out: Annotated[Path, typer.Option("--out", help="output directory")],

@@ -573,3 +573,113 @@ def test_cli_commands_when_registered(swept, tmp_path):
     bad.write_text("base: nowhere.yaml\n")
     res = runner.invoke(app, ["sweep", str(bad), "--out", str(tmp_path / "o")])
     assert res.exit_code == 2 and "not found" in res.output
+
+
+def _tree_files(root: Path) -> set[str]:
+    return {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()}
+
+
+def test_archive_keeps_what_a_report_and_a_resume_need_and_nothing_else(swept, tmp_path, monkeypatch):
+    from fedumm.archive import ARCHIVED_FILES, archive_sweep
+
+    out, arch = swept["out"], tmp_path / "archive"
+    res = archive_sweep(out, arch)
+    cells = ["baselines-s0", "K2-a0.5-s0", INTERRUPTED]
+    assert res.copied == cells and res.kept == [] and res.left == []
+    expected = {"sweep.json"} | {f"{c}/{f}" for c in cells for f in ARCHIVED_FILES}
+    assert _tree_files(arch) == expected  # no checkpoint, adapter, partition or plot
+    assert res.bytes_written == sum((out / f).stat().st_size for f in expected - {"sweep.json"})
+    for f in expected - {"sweep.json"}:
+        assert (arch / f).read_bytes() == (out / f).read_bytes()
+    assert sum((out / f).stat().st_size for f in _tree_files(out)) > 5 * res.bytes_written
+
+    # the same report from the archive as from the sweep directory
+    md = write_report(collect([out]), tmp_path / "rep").read_text().replace(str(out), "X")
+    md_arch = write_report(collect([arch]), tmp_path / "rep-arch").read_text().replace(str(arch), "X")
+    assert md_arch == md
+
+    # a copy of the archive resumes: every archived cell is finished, none runs again
+    def never(*a, **k):
+        raise AssertionError("an archived cell ran again")
+
+    monkeypatch.setattr(sweep_mod, "run_experiment", never)
+    monkeypatch.setattr(sweep_mod, "resume_experiment", never)
+    restored = tmp_path / "restored"
+    shutil.copytree(arch, restored)
+    again = run_sweep(swept["spec"], restored)
+    assert [r.cell.name for r in again] == cells and all(r.skipped for r in again)
+    original = {r.cell.name: r.summary.federated for r in swept["results"]}
+    assert {r.cell.name: r.summary.federated for r in again} == original
+
+
+def test_archive_merges_sittings_and_refuses_what_does_not_belong(swept, tmp_path):
+    from fedumm.archive import archive_sweep
+
+    # sitting 1 finished the baseline and one cell; the other is still to run
+    first = tmp_path / "first"
+    shutil.copytree(swept["out"], first)
+    shutil.rmtree(first / INTERRUPTED)
+    arch = tmp_path / "archive"
+    res = archive_sweep(first, arch)
+    assert res.copied == ["baselines-s0", "K2-a0.5-s0"] and res.left == [INTERRUPTED]
+    status = {c["name"]: c["status"] for c in json.loads((arch / "sweep.json").read_text())["cells"]}
+    assert status == {"baselines-s0": "finished", "K2-a0.5-s0": "finished", INTERRUPTED: "pending"}
+
+    # sitting 2 (another checkout) holds only the last cell: the archive gains it, keeps the others
+    second = tmp_path / "second"
+    shutil.copytree(swept["out"], second)
+    shutil.rmtree(second / "K2-a0.5-s0")
+    shutil.rmtree(second / "baselines-s0")
+    res = archive_sweep(second, arch)
+    assert res.copied == [INTERRUPTED] and res.kept == ["baselines-s0", "K2-a0.5-s0"] and res.left == []
+    index = json.loads((arch / "sweep.json").read_text())
+    assert all(c["status"] == "finished" for c in index["cells"])
+    assert [c["wall_time_s"] is not None for c in index["cells"]] == [True, True, True]
+
+    # a cell archived from a run with another config is refused, and nothing is written
+    _edit_saved_configs(second, lambda tree: tree["train"].update(lr=0.5))
+    before = {f: (arch / f).read_bytes() for f in _tree_files(arch)}
+    with pytest.raises(ConfigError, match=rf"cell {INTERRUPTED} was archived from a run with another config"):
+        archive_sweep(second, arch)
+    assert {f: (arch / f).read_bytes() for f in _tree_files(arch)} == before
+
+    # another sweep's archive, a non-empty folder that is no archive, a target inside the sweep
+    other = tmp_path / "other"
+    shutil.copytree(swept["out"], other)
+    index = json.loads((other / "sweep.json").read_text())
+    index["grid"]["federation.alpha"] = [0.1]
+    (other / "sweep.json").write_text(json.dumps(index))
+    with pytest.raises(ConfigError, match="holds the archive of another sweep .grid differ"):
+        archive_sweep(other, arch)
+    junk = tmp_path / "junk"
+    junk.mkdir()
+    (junk / "notes.txt").write_text("mine")
+    with pytest.raises(ConfigError, match="is not empty and holds no sweep.json"):
+        archive_sweep(swept["out"], junk)
+    with pytest.raises(ConfigError, match="must lie outside the sweep directory"):
+        archive_sweep(swept["out"], swept["out"] / "archive")
+    with pytest.raises(ConfigError, match="not a sweep directory"):
+        archive_sweep(junk, tmp_path / "fresh")
+
+    # a hostile cell directory in sweep.json never reaches outside the archive
+    hostile = tmp_path / "hostile"
+    shutil.copytree(swept["out"], hostile)
+    index = json.loads((hostile / "sweep.json").read_text())
+    index["cells"][0]["dir"] = "../escape"
+    (hostile / "sweep.json").write_text(json.dumps(index))
+    with pytest.raises(ConfigError, match="'../escape' is not a plain directory name"):
+        archive_sweep(hostile, tmp_path / "fresh")
+    assert not (tmp_path / "escape").exists() and not (tmp_path / "fresh").exists()
+
+
+def test_cli_archive(swept, tmp_path):
+    from typer.testing import CliRunner
+
+    from fedumm.cli import app
+
+    runner = CliRunner()
+    res = runner.invoke(app, ["archive", str(swept["out"]), "--out", str(tmp_path / "a")])
+    assert res.exit_code == 0, res.output
+    assert "archived 3 finished cell(s)" in res.output and "0 not finished" in res.output
+    res = runner.invoke(app, ["archive", str(tmp_path / "nowhere"), "--out", str(tmp_path / "b")])
+    assert res.exit_code == 2 and "not a sweep directory" in res.output
