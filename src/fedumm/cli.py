@@ -275,6 +275,7 @@ def sweep(
         )
     out_console.print(t)
     out_console.print(f"next: fedumm report {out} --out {out / 'report'}")
+    out_console.print(f"keep the results without checkpoints: fedumm archive {out} --out ARCHIVE_DIR")
 
 
 @app.command()
