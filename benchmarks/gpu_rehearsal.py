@@ -33,10 +33,13 @@ from __future__ import annotations
 
 import argparse
 import copy
+import cProfile
 import gc
+import io
 import json
 import math
 import platform
+import pstats
 import sys
 import time
 from pathlib import Path
@@ -197,6 +200,18 @@ def peak_memory(device: str) -> dict[str, int]:
     return {"peak_rss_bytes": peak_rss_bytes()}
 
 
+def write_profile(profiler: cProfile.Profile, path: Path, wall: float) -> None:
+    """The round's functions by cumulative and by own time (cProfile; GPU time lands on the calls
+    that wait for the GPU, such as ``.item()`` and copies to the host)."""
+    text = io.StringIO()
+    text.write(f"round wall time {wall:.2f} s (profiled)\n")
+    for order in ("cumulative", "tottime"):
+        text.write(f"\n==== by {order} ====\n")
+        pstats.Stats(profiler, stream=text).strip_dirs().sort_stats(order).print_stats(45)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text.getvalue(), encoding="utf-8")
+
+
 def run_round(
     family: ModelFamily,
     *,
@@ -255,10 +270,16 @@ def run_round(
     )
     set_adapter_state_(family.model, initial)
     reset_peak(args.device)
+    profiler = cProfile.Profile() if args.profile and k in args.clients else None
     t0 = time.perf_counter()
+    if profiler is not None:
+        profiler.enable()
     final = run_federation(setup)
-    peak = peak_memory(args.device)
+    peak = peak_memory(args.device)  # synchronises the GPU: queued kernels count in the round
     wall = time.perf_counter() - t0
+    if profiler is not None:
+        profiler.disable()
+        write_profile(profiler, out / f"profile-{name}-K{k}.txt", wall)
     (rec,) = records
     losses = [float(m["train_loss"]) for m in rec.client_metrics.values()]
     return {
@@ -386,6 +407,11 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     )
     ap.add_argument(
         "--no-warmup", dest="warmup", action="store_false", help="skip the unmeasured 1-client round"
+    )
+    ap.add_argument(
+        "--profile",
+        action="store_true",
+        help="also write OUT/profile-FAMILY-KK.txt: cProfile of each measured round (adds overhead)",
     )
     args = ap.parse_args(argv)
     if min(args.clients) < 1 or args.examples < 1 or args.batch_size < 1:

@@ -39,12 +39,14 @@ def smoke(tmp_path_factory) -> dict:
         str(SCRIPT),
         *("--tiny", "--device", "cpu", "--dtype", "fp32", "--family", "both"),
         *("--clients", str(K), "--examples", str(EXAMPLES), "--batch-size", "2", "--no-warmup"),
-        *("--out", str(out)),
+        *("--profile", "--out", str(out)),
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "| BLIP3o-8B (tiny widths) | 2 |" in proc.stdout
-    return json.loads((out / "results.json").read_text(encoding="utf-8"))
+    result = json.loads((out / "results.json").read_text(encoding="utf-8"))
+    result["_out"] = str(out)
+    return result
 
 
 def test_the_smoke_run_writes_finite_positive_figures(smoke):
@@ -95,3 +97,14 @@ def test_cuda_without_a_gpu_is_one_line_and_exit_code_2(tmp_path, capsys):
     assert code == 2
     assert err.count("\n") == 1 and err.startswith("error: --device cuda: no CUDA device")
     assert not (tmp_path / "never").exists()
+
+
+def test_profiles_and_defence_events_are_kept(smoke):
+    for fam in smoke["families"]:
+        (r,) = fam["rounds"]
+        assert len(r["defense"]) == r["defense_events"]
+        assert all({"client", "group", "action", "reason"} <= set(e) for e in r["defense"])
+        text = (Path(smoke["_out"]) / f"profile-{fam['family']}-K{K}.txt").read_text(encoding="utf-8")
+        assert text.startswith("round wall time ")
+        assert "==== by cumulative ====" in text and "==== by tottime ====" in text
+        assert "run_federation" in text and "train_local" in text
