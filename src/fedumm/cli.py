@@ -228,6 +228,16 @@ def sweep(
             "(repeatable; the same key twice means either value); their baseline cells run too",
         ),
     ] = None,
+    jobs: Annotated[
+        int,
+        typer.Option(
+            "--jobs",
+            "-j",
+            min=1,
+            help="cells run at once, each in its own process with cores / jobs torch threads "
+            "(in-process cells only)",
+        ),
+    ] = 1,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Run a grid of runs, one directory per cell; run the same command again to resume."""
@@ -241,7 +251,7 @@ def sweep(
             cells = select(expand(spec), chosen)
         else:
             with _progress() as bars:
-                results = run_sweep(spec, out, progress=RichProgress(bars), only=chosen)
+                results = run_sweep(spec, out, progress=RichProgress(bars), only=chosen, jobs=jobs)
     except KeyboardInterrupt:
         console.print(
             f"[yellow]interrupted[/]: finished cells are kept in {out}; run the same command to continue"

@@ -6,6 +6,7 @@ import copy
 import difflib
 import itertools
 import json
+import logging
 import math
 import re
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from fedumm.fl.strategies import make_strategy
 from fedumm.io import atomic_write_json, read_json_object
 from fedumm.progress import NullProgress, Progress
 from fedumm.summary import RunSummary, SettingResult
+from fedumm.sweep_jobs import check_jobs, run_cells_parallel
 
 __all__ = [
     "Sweep",
@@ -35,6 +37,7 @@ __all__ = [
 ]
 
 SWEEP_INDEX = "sweep.json"
+log = logging.getLogger(__name__)
 
 # Settings that change the federation but neither the zero-shot nor the centralized baseline, so that
 # cells differing only in these share one baseline cell. Everything else (seed, data, model, LoRA,
@@ -454,6 +457,72 @@ def _write_index(sweep: Sweep, out: Path, cells: list[Cell], status: dict, wall:
     )
 
 
+def _run_parallel(
+    sweep: Sweep,
+    out: Path,
+    every: list[Cell],
+    cells: list[Cell],
+    states: dict[str, str],
+    status: dict[str, str],
+    wall_of: dict[str, float],
+    wall_by_kind: dict[str, list[float]],
+    record: Any,
+    progress: Progress,
+    jobs: int,
+    threads: int,
+) -> None:
+    from fedumm.client.site import prepare_world
+
+    todo = [c for c in cells if states[c.name] != "finished"]
+    finished_before = len(cells) - len(todo)
+    log.info(
+        "sweep %s: %d cell(s) to run, %d at a time, %d torch thread(s) each",
+        sweep.name,
+        len(todo),
+        jobs,
+        threads,
+    )
+
+    def on_start(cell: Cell) -> None:
+        status[cell.name] = "running"
+        _write_index(sweep, out, every, status, wall_of)
+
+    def on_end(cell: Cell, msg: dict) -> None:
+        d = out / cell.name
+        saved = _read_summary(d / "summary.json") if (d / "summary.json").is_file() else None
+        if msg.get("ok") and saved is not None:
+            record(cell, saved)
+        else:
+            status[cell.name] = (saved.status if saved else "") or (
+                "interrupted" if msg.get("interrupted") else "failed"
+            )
+            if status[cell.name] in ("running", "finished"):
+                status[cell.name] = "failed"
+        _write_index(sweep, out, every, status, wall_of)
+
+    def describe(done: int, running: list[str]) -> None:
+        left = [c for c in todo if status[c.name] != "finished"]
+        eta = _eta(left, wall_by_kind, jobs)
+        now = ", ".join(running) if running else "none"
+        progress.update(
+            "sweep",
+            finished_before + done,
+            description=f"sweep {sweep.name}: running {now} ({finished_before + done}/{len(cells)}, {eta})",
+        )
+
+    run_cells_parallel(
+        todo,
+        out=out,
+        resume=lambda c: states[c.name] == "resume",
+        jobs=jobs,
+        threads=threads,
+        prepare=lambda c: prepare_world(c.config),
+        on_start=on_start,
+        on_end=on_end,
+        describe=describe,
+    )
+
+
 def _fmt_duration(seconds: float) -> str:
     s = int(round(seconds))
     h, rem = divmod(s, 3600)
@@ -461,8 +530,9 @@ def _fmt_duration(seconds: float) -> str:
     return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
 
 
-def _eta(remaining: list[Cell], wall: dict[str, list[float]]) -> str:
-    """Remaining time from the mean wall time of finished cells of the same kind (else any kind)."""
+def _eta(remaining: list[Cell], wall: dict[str, list[float]], jobs: int = 1) -> str:
+    """Remaining time from the mean wall time of finished cells of the same kind (else any kind),
+    ``jobs`` cells at a time."""
     every = [w for ws in wall.values() for w in ws]
     if not every:
         return "ETA unknown"
@@ -470,7 +540,7 @@ def _eta(remaining: list[Cell], wall: dict[str, list[float]]) -> str:
     for cell in remaining:
         ws = wall.get(cell.kind) or every
         total += sum(ws) / len(ws)
-    return f"ETA {_fmt_duration(total)}"
+    return f"ETA {_fmt_duration(total / max(1, min(jobs, len(remaining))))}"
 
 
 def parse_only(sweep: Sweep, items: list[str]) -> dict[str, tuple[Any, ...]]:
@@ -514,17 +584,20 @@ def run_sweep(
     *,
     progress: Progress | None = None,
     only: dict[str, tuple[Any, ...]] | None = None,
+    jobs: int = 1,
 ) -> list[CellResult]:
     """Run every cell not finished yet (resuming interrupted ones), keep sweep.json current, return all.
 
     With `only` (grid key -> values), run just the matching federated cells and their baseline cells;
     sweep.json still lists every cell, so a later run without a filter continues with the rest.
+    With `jobs` > 1, that many cells run at once in worker processes (:mod:`fedumm.sweep_jobs`).
     """
     # Baseline cells run first with zero-shot and centralized on; federated cells run with both off and
     # take the numbers of their baseline cell. The first failing cell stops the sweep (rerun to resume).
     progress = progress or NullProgress()
     every = expand(sweep)
     cells = select(every, only or {})
+    threads = check_jobs(jobs, cells) if jobs != 1 else None
     out = Path(out_dir)
     states = {c.name: _state(sweep, c, out / c.name) for c in every}  # every check before any run
     out.mkdir(parents=True, exist_ok=True)
@@ -548,7 +621,11 @@ def run_sweep(
 
     n = len(cells)
     progress.start("sweep", f"sweep {sweep.name}", n)
-    for i, cell in enumerate(cells):
+    if threads is not None:
+        _run_parallel(
+            sweep, out, every, cells, states, status, wall_of, wall_by_kind, record, progress, jobs, threads
+        )
+    for i, cell in enumerate(cells if threads is None else []):
         eta = _eta([c for c in cells[i:] if states[c.name] != "finished"], wall_by_kind)
         progress.update("sweep", i, description=f"sweep {sweep.name}: {cell.name} ({i + 1}/{n}, {eta})")
         if states[cell.name] == "finished":

@@ -40,6 +40,7 @@ __all__ = [
     "make_generation_partition",
     "make_partition",
     "partitioned_client_data",
+    "prepare_world",
     "needs_generation",
     "train_spec",
 ]
@@ -60,11 +61,10 @@ def needs_generation(cfg: Config) -> bool:
     return bool(set(cfg.federation.task_of_clients()) & {"generation", "both"})
 
 
-def load_data(cfg: Config, *, eval_splits: bool = True) -> RunData:
-    """Load the train/val/test splits (building the synthetic world first if asked to)."""
-    from fedumm.data.captions import load_captions
+def prepare_world(cfg: Config) -> None:
+    """Make ``data.path`` hold the world the config reads: build the synthetic world when it is
+    missing, or re-render it for another seed or size, where ``data.synthesize_if_missing`` asks."""
     from fedumm.data.synth import synthesize, world_mismatch
-    from fedumm.data.vqa import load_split
 
     d = cfg.data
     if not d.path.exists() or not any(d.path.iterdir()):
@@ -77,6 +77,15 @@ def load_data(cfg: Config, *, eval_splits: bool = True) -> RunData:
     elif d.synthesize_if_missing and (stale := world_mismatch(d.path, seed=cfg.seed, images=d.synth_images)):
         log.warning("re-rendering the synthetic world in %s (%s)", d.path, stale)
         synthesize(d.path, seed=cfg.seed, images=d.synth_images)
+
+
+def load_data(cfg: Config, *, eval_splits: bool = True) -> RunData:
+    """Load the train/val/test splits (building the synthetic world first if asked to)."""
+    from fedumm.data.captions import load_captions
+    from fedumm.data.vqa import load_split
+
+    d = cfg.data
+    prepare_world(cfg)
     train = load_split(d.path, d.train_split)
     val = load_split(d.path, d.val_split) if eval_splits else []
     test = load_split(d.path, d.test_split) if eval_splits else []
