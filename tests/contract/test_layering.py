@@ -23,7 +23,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("config", ("config",)),
     ("sites and the round loop", ("client", "server")),
     ("engines", ("engines",)),
-    ("recipes", ("experiment", "sweep", "report")),
+    ("recipes", ("experiment", "sweep", "sweep_jobs", "archive", "report")),
     ("command line", ("cli",)),
 )
 FAMILY_FOLDERS = ("janus", "blip3o")
