@@ -228,6 +228,14 @@ def sweep(
             "(repeatable; the same key twice means either value); their baseline cells run too",
         ),
     ] = None,
+    cell: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--cell",
+            help="run only this cell, by name as --dry-run lists it (repeatable; not with --only); "
+            "its baseline cell runs too",
+        ),
+    ] = None,
     jobs: Annotated[
         int,
         typer.Option(
@@ -242,16 +250,19 @@ def sweep(
 ) -> None:
     """Run a grid of runs, one directory per cell; run the same command again to resume."""
     _setup_logging(verbose)
-    from fedumm.sweep import expand, load_sweep, parse_only, run_sweep, select
+    from fedumm.sweep import expand, load_sweep, parse_cells, parse_only, run_sweep, select
 
     try:
         spec = load_sweep(sweep_file)
         chosen = parse_only(spec, only or [])
+        named = parse_cells(spec, cell or [])
         if dry_run:
-            cells = select(expand(spec), chosen)
+            cells = select(expand(spec), chosen, named)
         else:
             with _progress() as bars:
-                results = run_sweep(spec, out, progress=RichProgress(bars), only=chosen, jobs=jobs)
+                results = run_sweep(
+                    spec, out, progress=RichProgress(bars), only=chosen, names=named, jobs=jobs
+                )
     except KeyboardInterrupt:
         console.print(
             f"[yellow]interrupted[/]: finished cells are kept in {out}; run the same command to continue"

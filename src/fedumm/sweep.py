@@ -564,8 +564,38 @@ def parse_only(sweep: Sweep, items: list[str]) -> dict[str, tuple[Any, ...]]:
     return {k: tuple(v) for k, v in chosen.items()}
 
 
-def select(cells: list[Cell], only: dict[str, tuple[Any, ...]]) -> list[Cell]:
-    """The federated cells whose grid values match every filter, and the baseline cells they take from."""
+def parse_cells(sweep: Sweep, names: list[str]) -> tuple[str, ...]:
+    """Cell names (`--cell`, repeatable) checked against the sweep's cells, in the order given."""
+    known = [c.name for c in expand(sweep)]
+    chosen: list[str] = []
+    for raw in names:
+        name = raw.strip()
+        if name not in known:
+            close = difflib.get_close_matches(name, known, n=1)
+            listing = f" (list them: fedumm sweep {sweep.path} --dry-run)"
+            hint = f"; did you mean {close[0]}?" if close else listing
+            raise ConfigError(f"--cell {raw!r}: no such cell in {sweep.path}{hint}")
+        if name not in chosen:
+            chosen.append(name)
+    return tuple(chosen)
+
+
+def select(
+    cells: list[Cell], only: dict[str, tuple[Any, ...]], names: tuple[str, ...] | list[str] = ()
+) -> list[Cell]:
+    """The federated cells whose grid values match every filter, and the baseline cells they take from.
+
+    With `names` (from :func:`parse_cells`) instead: those cells and the baseline cells they take from,
+    in the sweep's order. `--only` filters make a product of grid values; `--cell` picks any set of
+    cells, e.g. the rest of one seed in one setting together with another setting, so that `--jobs`
+    keeps every worker busy across both.
+    """
+    if names:
+        if only:
+            raise ConfigError("--cell and --only do not combine: give the cells by name or by grid value")
+        keep = set(names)
+        keep |= {c.baseline_cell for c in cells if c.name in keep and c.baseline_cell}
+        return [c for c in cells if c.name in keep]
     if not only:
         return cells
 
@@ -584,19 +614,21 @@ def run_sweep(
     *,
     progress: Progress | None = None,
     only: dict[str, tuple[Any, ...]] | None = None,
+    names: tuple[str, ...] = (),
     jobs: int = 1,
 ) -> list[CellResult]:
     """Run every cell not finished yet (resuming interrupted ones), keep sweep.json current, return all.
 
     With `only` (grid key -> values), run just the matching federated cells and their baseline cells;
-    sweep.json still lists every cell, so a later run without a filter continues with the rest.
+    with `names` (cell names), just those cells and their baseline cells. sweep.json still lists every
+    cell, so a later run without a filter continues with the rest.
     With `jobs` > 1, that many cells run at once in worker processes (:mod:`fedumm.sweep_jobs`).
     """
     # Baseline cells run first with zero-shot and centralized on; federated cells run with both off and
     # take the numbers of their baseline cell. The first failing cell stops the sweep (rerun to resume).
     progress = progress or NullProgress()
     every = expand(sweep)
-    cells = select(every, only or {})
+    cells = select(every, only or {}, names)
     threads = check_jobs(jobs, cells) if jobs != 1 else None
     out = Path(out_dir)
     states = {c.name: _state(sweep, c, out / c.name) for c in every}  # every check before any run

@@ -22,16 +22,23 @@ epochs that moves the trajectory (docs/RESULTS.md: a 40-epoch centralized baseli
 at one thread and 65.06 % at two).
 
 Ctrl-C reaches the workers from the terminal: each saves its run as a sequential sweep would and
-ends; this process waits for them, marks their cells interrupted and re-raises.
+ends; this process waits for them, marks their cells interrupted and re-raises. SIGTERM to this
+process (``kill``, a batch scheduler's stop) is taken as Ctrl-C, and is passed on to the workers as
+SIGINT, which they honour even where they started with SIGINT ignored (a shell's background job).
+A worker whose parent is gone without a word (``kill -9``) notices within a second or two and
+stops the same way: no worker outlives its sweep to write into a run directory that a new sweep
+would start again.
 """
 
 from __future__ import annotations
 
+import _thread
 import json
 import logging
 import multiprocessing as mp
 import os
 import signal
+import threading
 import time
 import traceback
 from collections.abc import Callable, Sequence
@@ -42,7 +49,15 @@ from typing import Any
 
 from fedumm.errors import ConfigError, FedummError
 
-__all__ = ["available_cores", "check_jobs", "world_key", "can_start", "run_cells_parallel", "cell_worker"]
+__all__ = [
+    "available_cores",
+    "check_jobs",
+    "world_key",
+    "can_start",
+    "run_cells_parallel",
+    "cell_worker",
+    "watch_parent",
+]
 
 log = logging.getLogger(__name__)
 
@@ -100,8 +115,31 @@ def can_start(cell: Any, running: Sequence[Any]) -> bool:
     return True
 
 
+PARENT_POLL_S = 1.0  # how often a worker checks that its sweep is still there
+
+
 def _send(conn: Connection, **msg: Any) -> None:
-    conn.send_bytes(json.dumps(msg).encode("utf-8"))
+    try:
+        conn.send_bytes(json.dumps(msg).encode("utf-8"))
+    except OSError:  # the sweep is gone; the run directory holds what the cell saved
+        log.warning("the sweep that started this cell is gone; its report was not delivered")
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def watch_parent(alive: Callable[[], bool], interval: float = PARENT_POLL_S) -> threading.Thread:
+    """A daemon thread that interrupts the main thread (as Ctrl-C would) once ``alive()`` is false."""
+
+    def watch() -> None:
+        while alive():
+            time.sleep(interval)
+        _thread.interrupt_main()
+
+    t = threading.Thread(target=watch, name="fedumm-parent-watch", daemon=True)
+    t.start()
+    return t
 
 
 def cell_worker(conn: Connection, tree: dict, directory: str, resume: bool, threads: int) -> None:
@@ -112,6 +150,10 @@ def cell_worker(conn: Connection, tree: dict, directory: str, resume: bool, thre
     from fedumm.experiment import resume_experiment, run_experiment
 
     torch.set_num_threads(threads)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # even if the shell started us ignoring it
+    signal.signal(signal.SIGTERM, _interrupt)
+    parent = os.getppid()
+    watch_parent(lambda: os.getppid() == parent)
     try:
         if resume:
             resume_experiment(Path(directory))
@@ -158,6 +200,26 @@ def run_cells_parallel(
     """Run ``cells`` (those still to run) ``jobs`` at a time. ``prepare(cell)`` runs here before a
     cell starts (its world); ``on_end(cell, message)`` gets each worker's report. The first failure
     stops new cells from starting; the running ones finish, then the failure is raised."""
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _interrupt) if in_main else None
+    try:
+        _schedule(cells, out, resume, jobs, threads, prepare, on_start, on_end, describe)
+    finally:
+        if in_main:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _schedule(
+    cells: Sequence[Any],
+    out: Path,
+    resume: Callable[[Any], bool],
+    jobs: int,
+    threads: int,
+    prepare: Callable[[Any], None],
+    on_start: Callable[[Any], None],
+    on_end: Callable[[Any, dict], None],
+    describe: Callable[[int, list[str]], None],
+) -> None:
     ctx = mp.get_context("spawn")
     pending = list(cells)
     running: dict[str, _Running] = {}
@@ -228,7 +290,7 @@ def _stop(running: dict[str, _Running], on_end: Callable[[Any, dict], None]) -> 
     deadline = time.monotonic() + GRACE_S
     for r in running.values():
         r.proc.join(max(0.0, deadline - time.monotonic()))
-    for r in running.values():  # the terminal's Ctrl-C reaches them too; a kill -INT of this one does not
+    for r in running.values():  # a terminal's Ctrl-C reaches them too; a kill of this one does not
         if r.proc.is_alive() and r.proc.pid is not None:
             os.kill(r.proc.pid, signal.SIGINT)
     deadline = time.monotonic() + STOP_S

@@ -6,9 +6,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
+import psutil
 import pytest
 import torch
 import yaml
@@ -17,7 +24,7 @@ import fedumm.sweep as sweep_mod
 from fedumm.config import load_config
 from fedumm.errors import ConfigError, FedummError
 from fedumm.sweep import expand, load_sweep, run_sweep
-from fedumm.sweep_jobs import available_cores, can_start, check_jobs, run_cells_parallel
+from fedumm.sweep_jobs import available_cores, can_start, check_jobs, run_cells_parallel, watch_parent
 
 LIGHT = {
     "data.train_split": "val",
@@ -141,3 +148,88 @@ def test_parallel_cells_equal_sequential_ones_and_resume_either_way(tmp_path, ti
     monkeypatch.setattr(sweep_mod, "resume_experiment", never)
     again = run_sweep(spec, tmp_path / "par")
     assert all(r.skipped and r.status == "finished" for r in again)
+
+
+def test_watch_parent_interrupts_the_main_thread_once_the_parent_is_gone():
+    gone = threading.Event()
+    watcher = watch_parent(lambda: not gone.is_set(), interval=0.02)
+    with pytest.raises(KeyboardInterrupt):
+        gone.set()
+        time.sleep(10)  # interrupted within an interval or two, as by Ctrl-C
+    watcher.join(1)
+    assert not watcher.is_alive()
+
+
+def _workers(parent: psutil.Process) -> list[psutil.Process]:
+    return [p for p in parent.children(recursive=True) if "spawn_main" in " ".join(p.cmdline())]
+
+
+def _wait_for(what, check, timeout: float = 120.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got = check()
+        if got:
+            return got
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["SIGTERM", "SIGKILL"])
+def test_a_stopped_parallel_sweep_leaves_no_worker_behind_and_resumes(tmp_path, tiny_config_tree, how):
+    """SIGTERM to the sweep is Ctrl-C: workers save and end, the cells read interrupted. After SIGKILL
+    the workers notice their parent is gone and stop by themselves. Either way the cells resume."""
+    if available_cores() < 2:
+        pytest.skip("needs 2 cores for 2 jobs")
+    tmp_path.mkdir(exist_ok=True)
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(tiny_config_tree))
+    path = tmp_path / "sweep.yaml"
+    overrides = dict(LIGHT, **{"federation.rounds": 200, "geneval.enabled": False})
+    grid = {"federation.alpha": [0.5, 1.0]}
+    path.write_text(
+        yaml.safe_dump({"base": "base.yaml", "overrides": overrides, "grid": grid, "baselines": False})
+    )
+    out = tmp_path / "out"
+    cmd = [
+        sys.executable,
+        "-c",
+        "from fedumm.cli import app; app()",
+        "sweep",
+        str(path),
+        "--out",
+        str(out),
+        "-j",
+        "2",
+    ]
+    # started as a shell's background job is: SIGINT ignored, which the workers must not inherit
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
+    )
+    try:
+        parent = psutil.Process(proc.pid)
+        workers = _wait_for("two workers", lambda: (w := _workers(parent)) and len(w) == 2 and w)
+        # each worker has finished a round (a checkpoint to resume from) before the sweep is stopped
+        _wait_for(
+            "a round of each cell",
+            lambda: all((out / n / "checkpoint" / "latest.json").is_file() for n in ("a0.5-s0", "a1.0-s0")),
+        )
+        os.kill(proc.pid, getattr(signal, how))
+        proc.wait(timeout=180)
+        if how == "SIGTERM":
+            assert proc.returncode == 130, proc.stderr.read().decode()[-2000:]
+        gone, alive = psutil.wait_procs(workers, timeout=60)
+        assert not alive, f"workers still running after the sweep stopped: {[p.pid for p in alive]}"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    index = {c["name"]: c["status"] for c in json.loads((out / "sweep.json").read_text())["cells"]}
+    assert set(index) == {"a0.5-s0", "a1.0-s0"}
+    if how == "SIGTERM":
+        assert set(index.values()) == {"interrupted"}
+    spec = load_sweep(path)
+    for cell in expand(spec):
+        assert sweep_mod._state(spec, cell, out / cell.name) == "resume"

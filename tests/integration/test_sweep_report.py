@@ -510,6 +510,18 @@ def test_a_family_axis_gives_each_family_its_own_baseline_cell(tiny_config_tree,
         assert c.name.endswith(f"family_{c.config.model.family}-s0")
 
 
+def _recording_run(ran: list[str]):
+    def fake_run(cfg, out_dir, **kw):  # records the cell; a finished summary on disk, as a real run leaves
+        ran.append(cfg.name)
+        Path(out_dir).mkdir(parents=True)
+        summary = RunSummary(name=cfg.name, status="finished", wall_time_s=1.0)
+        (Path(out_dir) / "summary.json").write_text(json.dumps(summary.to_json()))
+        (Path(out_dir) / "config.yaml").write_text(dump_config(cfg))
+        return summary
+
+    return fake_run
+
+
 def test_only_runs_the_matching_cells_and_their_baselines_and_a_later_run_continues(
     tiny_config_tree, tmp_path, monkeypatch
 ):
@@ -521,16 +533,7 @@ def test_only_runs_the_matching_cells_and_their_baselines_and_a_later_run_contin
         )
     )
     ran: list[str] = []
-
-    def fake_run(cfg, out_dir, **kw):  # records the cell; a finished summary on disk, as a real run leaves
-        ran.append(cfg.name)
-        Path(out_dir).mkdir(parents=True)
-        summary = RunSummary(name=cfg.name, status="finished", wall_time_s=1.0)
-        (Path(out_dir) / "summary.json").write_text(json.dumps(summary.to_json()))
-        (Path(out_dir) / "config.yaml").write_text(dump_config(cfg))
-        return summary
-
-    monkeypatch.setattr(sweep_mod, "run_experiment", fake_run)
+    monkeypatch.setattr(sweep_mod, "run_experiment", _recording_run(ran))
     only = sweep_mod.parse_only(spec, ["federation.clients=3", "seed=1", "seed=0", "federation.alpha=1.0"])
     assert only == {"federation.clients": (3,), "seed": (1, 0), "federation.alpha": (1.0,)}
     out = tmp_path / "out"
@@ -555,6 +558,34 @@ def test_only_runs_the_matching_cells_and_their_baselines_and_a_later_run_contin
     ]:
         with pytest.raises(ConfigError, match=message):
             sweep_mod.parse_only(spec, [bad])
+
+
+def test_cell_runs_named_cells_of_two_settings_and_their_baselines(tiny_config_tree, tmp_path, monkeypatch):
+    spec = load_sweep(
+        _write_sweep(
+            tmp_path,
+            tiny_config_tree,
+            {"federation.clients": [2, 3], "federation.alpha": [0.1, 1.0], "seed": [0, 1]},
+        )
+    )
+    ran: list[str] = []
+    monkeypatch.setattr(sweep_mod, "run_experiment", _recording_run(ran))
+    # two settings no product of --only values picks alone (K3-a0.1-s1 and K2-a1.0-s0)
+    names = sweep_mod.parse_cells(spec, ["K2-a1.0-s0", " K3-a0.1-s1", "K2-a1.0-s0"])
+    assert names == ("K2-a1.0-s0", "K3-a0.1-s1")
+    out = tmp_path / "out"
+    run_sweep(spec, out, names=names)
+    assert ran == ["baselines-s0", "baselines-s1", "K3-a0.1-s1", "K2-a1.0-s0"]  # the sweep's order
+    status = {c["name"]: c["status"] for c in json.loads((out / "sweep.json").read_text())["cells"]}
+    assert sorted(n for n, s in status.items() if s == "finished") == sorted(ran)
+    ran.clear()
+    run_sweep(spec, out, names=sweep_mod.parse_cells(spec, ["baselines-s1", "K2-a1.0-s0"]))
+    assert ran == []  # both finished
+    with pytest.raises(ConfigError, match=r"--cell 'K3-a1.0-s9': no such cell .*you mean K3-a1.0-s[01]\?"):
+        sweep_mod.parse_cells(spec, ["K3-a1.0-s9"])
+    with pytest.raises(ConfigError, match="--cell and --only do not combine"):
+        run_sweep(spec, out, only=sweep_mod.parse_only(spec, ["seed=1"]), names=names)
+    assert ran == []
 
 
 def test_cli_commands_when_registered(swept, tmp_path):
