@@ -20,6 +20,7 @@ from fedumm.config import read_yaml_mapping
 from fedumm.errors import DataError
 from fedumm.io import atomic_write_bytes, atomic_write_text, read_json_object
 from fedumm.summary import RunSummary, SettingResult
+from fedumm.types import latest_per_round
 
 __all__ = ["RunResult", "collect", "write_report"]
 
@@ -90,7 +91,7 @@ def _read_rounds(path: Path) -> list[dict]:
             rounds.append(json.loads(line))
         except ValueError:
             raise DataError(f"{path}:{number}: not a JSON line") from None
-    return rounds
+    return latest_per_round(rounds)
 
 
 def _summary(path: Path) -> RunSummary:

@@ -8,9 +8,16 @@ from dataclasses import dataclass, field
 
 import torch
 
-from fedumm.errors import InvalidUpdate
+from fedumm.errors import DataError, InvalidUpdate
 
-__all__ = ["AdapterState", "ClientUpdate", "DefenseEvent", "RoundRecord", "validate_update"]
+__all__ = [
+    "AdapterState",
+    "ClientUpdate",
+    "DefenseEvent",
+    "RoundRecord",
+    "latest_per_round",
+    "validate_update",
+]
 
 #: Canonical adapter state: adapter-name-free peft keys -> CPU tensors, never sharing storage
 #: with live parameters. Built by :func:`fedumm.models.lora_state.get_adapter_state`.
@@ -94,6 +101,18 @@ class RoundRecord:
             "wall_time_s": self.wall_time_s,
         }
         return out | trust
+
+
+def latest_per_round(rows: list[dict]) -> list[dict]:
+    """metrics.jsonl rows in round order, one per round: where a round was written twice (a run
+    that started over, or two processes writing one directory), the later line stands."""
+    latest: dict[int, dict] = {}
+    for row in rows:
+        number = row.get("round") if isinstance(row, dict) else None
+        if not isinstance(number, int) or isinstance(number, bool):
+            raise DataError(f"a metrics row without an integer 'round': {str(row)[:80]}")
+        latest[number] = row
+    return [latest[r] for r in sorted(latest)]
 
 
 def validate_update(update: ClientUpdate, reference: AdapterState) -> None:

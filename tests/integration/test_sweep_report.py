@@ -397,6 +397,22 @@ def test_report_mean_std_over_seeds_and_geneval(tmp_path):
         collect([tmp_path / "nowhere"])
 
 
+def test_report_reads_a_round_written_twice_once_the_later_line_standing(tmp_path):
+    """A run that started over (or two processes writing one directory) leaves rounds 1-2 twice in
+    metrics.jsonl; the report counts each round once, with its later line."""
+    d = _fake_run(tmp_path, "twice", k=2, alpha=0.1, seed=0, acc=40.0, central=50.0)
+    rows = [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()]
+    stale = [{**r, "global": {"vqa_accuracy": 0.0}} for r in rows]
+    (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [*stale, *rows]))
+    (run,) = collect([d])
+    assert run.curve == ((1, 39.0), (2, 40.0))
+    runs_table = _md_table(write_report([run], tmp_path / "rep").read_text(), "## Runs")
+    assert runs_table[1][runs_table[0].index("rounds")] == "2"
+    (d / "metrics.jsonl").write_text(json.dumps({"global": {}}) + "\n")
+    with pytest.raises(DataError, match="integer 'round'"):
+        collect([d])
+
+
 def test_report_retention_by_rounds(tmp_path):
     dirs = [
         _fake_run(tmp_path, "r5s0", k=16, alpha=0.1, seed=0, acc=40.0, central=50.0, rounds=5),

@@ -13,7 +13,7 @@ import torch
 from fedumm.errors import CheckpointError, ConfigError, DataError
 from fedumm.io import atomic_save_safetensors, atomic_write_json, atomic_write_text, read_safetensors
 from fedumm.summary import RunSummary
-from fedumm.types import AdapterState, RoundRecord
+from fedumm.types import AdapterState, RoundRecord, latest_per_round
 
 __all__ = ["RunDir"]
 
@@ -140,4 +140,4 @@ class RunDir:
                     out.append(json.loads(line))
                 except json.JSONDecodeError:
                     break  # a torn last line from a crash: the rounds before it stand
-        return out
+        return latest_per_round(out)
