@@ -33,6 +33,7 @@ would start again.
 from __future__ import annotations
 
 import _thread
+import functools
 import json
 import logging
 import multiprocessing as mp
@@ -185,6 +186,24 @@ class _Running:
     started: float
 
 
+def _sigterm_as_ctrl_c(fn: Callable[..., None]) -> Callable[..., None]:
+    """In the main thread, SIGTERM raises KeyboardInterrupt while ``fn`` runs (its workers are
+    stopped on the way out as on Ctrl-C); the previous handler is restored after."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return fn(*args, **kwargs)
+        previous = signal.signal(signal.SIGTERM, _interrupt)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+
+    return wrapper
+
+
+@_sigterm_as_ctrl_c
 def run_cells_parallel(
     cells: Sequence[Any],
     *,
@@ -200,26 +219,6 @@ def run_cells_parallel(
     """Run ``cells`` (those still to run) ``jobs`` at a time. ``prepare(cell)`` runs here before a
     cell starts (its world); ``on_end(cell, message)`` gets each worker's report. The first failure
     stops new cells from starting; the running ones finish, then the failure is raised."""
-    in_main = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _interrupt) if in_main else None
-    try:
-        _schedule(cells, out, resume, jobs, threads, prepare, on_start, on_end, describe)
-    finally:
-        if in_main:
-            signal.signal(signal.SIGTERM, previous)
-
-
-def _schedule(
-    cells: Sequence[Any],
-    out: Path,
-    resume: Callable[[Any], bool],
-    jobs: int,
-    threads: int,
-    prepare: Callable[[Any], None],
-    on_start: Callable[[Any], None],
-    on_end: Callable[[Any, dict], None],
-    describe: Callable[[int, list[str]], None],
-) -> None:
     ctx = mp.get_context("spawn")
     pending = list(cells)
     running: dict[str, _Running] = {}

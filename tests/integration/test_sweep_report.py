@@ -538,16 +538,16 @@ def _recording_run(ran: list[str]):
     return fake_run
 
 
+def _two_by_two_by_two(tiny_config_tree, tmp_path):
+    """K in {2, 3} x alpha in {0.1, 1.0} x seed in {0, 1}."""
+    grid = {"federation.clients": [2, 3], "federation.alpha": [0.1, 1.0], "seed": [0, 1]}
+    return load_sweep(_write_sweep(tmp_path, tiny_config_tree, grid))
+
+
 def test_only_runs_the_matching_cells_and_their_baselines_and_a_later_run_continues(
     tiny_config_tree, tmp_path, monkeypatch
 ):
-    spec = load_sweep(
-        _write_sweep(
-            tmp_path,
-            tiny_config_tree,
-            {"federation.clients": [2, 3], "federation.alpha": [0.1, 1.0], "seed": [0, 1]},
-        )
-    )
+    spec = _two_by_two_by_two(tiny_config_tree, tmp_path)
     ran: list[str] = []
     monkeypatch.setattr(sweep_mod, "run_experiment", _recording_run(ran))
     only = sweep_mod.parse_only(spec, ["federation.clients=3", "seed=1", "seed=0", "federation.alpha=1.0"])
@@ -577,13 +577,7 @@ def test_only_runs_the_matching_cells_and_their_baselines_and_a_later_run_contin
 
 
 def test_cell_runs_named_cells_of_two_settings_and_their_baselines(tiny_config_tree, tmp_path, monkeypatch):
-    spec = load_sweep(
-        _write_sweep(
-            tmp_path,
-            tiny_config_tree,
-            {"federation.clients": [2, 3], "federation.alpha": [0.1, 1.0], "seed": [0, 1]},
-        )
-    )
+    spec = _two_by_two_by_two(tiny_config_tree, tmp_path)
     ran: list[str] = []
     monkeypatch.setattr(sweep_mod, "run_experiment", _recording_run(ran))
     # two settings no product of --only values picks alone (K3-a0.1-s1 and K2-a1.0-s0)
